@@ -1,0 +1,23 @@
+"""Polyglot-Ko 12.8B: the architecture of EleutherAI/polyglot-ko-12.8b (report Table 2).
+
+Parameters: 12,893,603,840 from the released checkpoint's shapes; the report's
+Table 2 says 12,898,631,680 (see README, 'Parameter counts').
+"""
+
+from polyglot_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.num_layers = 40  # report Table 2
+    c.model.d_model = 5120
+    c.model.d_ff = 20480  # 4 x d_model
+    c.model.num_heads = 40  # head_dim 128
+    c.model.rotary_dim = 64  # rotary_pct 0.5 of head_dim 128
+    c.model.vocab_size = 30080  # 30,003 tokens padded to a multiple of 128
+    c.model.max_len = 2048
+
+    # ZeRO-3 style by default: parameters and optimizer state sharded over all devices of a node.
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c

@@ -1,0 +1,74 @@
+"""Causal self-attention cores, picked by `config.model.attention_impl`.
+
+All take q, k, v *before* RoPE, because the Pallas kernel rotates inside its tiles; the other
+implementations rotate first with the jnp reference in `rotary.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from polyglot_jax.errors import ConfigError
+from polyglot_jax.rotary import apply_rope
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
+    """bool [batch or 1, 1, q_len, kv_len]: key j is visible to query i iff j <= i (and same segment)."""
+    mask = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)[None, None]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same[:, None]
+    return mask
+
+
+def xla_attention(q, k, v, segment_ids=None):
+    """Reference attention. q, k, v: [batch, seq, heads, head_dim]; returns the same shape in q's dtype.
+
+    Scores, softmax and the value sum accumulate in float32 (HF also takes the softmax in float32).
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = causal_mask(segment_ids, q.shape[1], k.shape[1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(
+        q.dtype
+    )
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    rotary_dim: int,
+    rope_base: float,
+    impl: str,
+) -> jax.Array:
+    """Causal attention with partial RoPE.
+
+    Args:
+      q, k, v: [batch, seq, heads, head_dim], un-rotated.
+      positions: int32 [batch, seq].
+      segment_ids: int32 [batch, seq] or None; tokens attend only within their segment.
+      impl: one of ATTENTION_IMPLS.
+    Returns:
+      [batch, seq, heads, head_dim] in q's dtype.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"config.model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    q = apply_rope(q, positions, rotary_dim, rope_base)
+    k = apply_rope(k, positions, rotary_dim, rope_base)
+    if impl == "cudnn":
+        if segment_ids is not None:
+            raise ConfigError(
+                "config.model.attention_impl='cudnn' cannot mask packed segments; "
+                "use 'pallas' or 'xla' with packed data"
+            )
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return xla_attention(q, k, v, segment_ids)

@@ -1,0 +1,1 @@
+"""Data: cleaning, tokenizer training, tokenization to ArrayRecord shards, grain input pipelines."""

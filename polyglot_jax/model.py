@@ -1,0 +1,314 @@
+"""GPT-NeoX as Polyglot-Ko uses it, in Flax linen: the same function as HF `GPTNeoXForCausalLM`.
+
+    h = embed_in[tokens]                                  (no position embedding: RoPE in attention)
+    for each layer:  h = h + attention(ln1(h)) + mlp(ln2(h))      (parallel residual)
+    logits = final_layer_norm(h) @ embed_out              (untied, no bias)
+
+Parameter names follow HF's module names so that `hf_mapping.py` reads like a table. Every parameter
+and key activation carries logical axis names (vocab, embed, heads, kv, mlp, layers, batch, length);
+the config's rules map them onto mesh axes, so no mesh axis name appears here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from polyglot_jax.attention import ATTENTION_IMPLS, attend
+from polyglot_jax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics; mirrors `config.model` (see configs/*.py for every field's meaning)."""
+
+    vocab_size: (
+        int  # padded size (30,080 for Polyglot-Ko: 30,003 tokens padded to a multiple of 128)
+    )
+    num_layers: int
+    d_model: int
+    d_ff: int
+    num_heads: int
+    rotary_dim: int
+    rope_base: float = 10000.0
+    max_len: int = 2048
+    layer_norm_eps: float = 1e-5
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    attention_impl: str = "xla"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "d_model", "d_ff", "num_heads", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"config.model.{name}={getattr(self, name)!r} must be a positive int"
+                )
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"config.model.d_model={self.d_model} is not divisible by "
+                f"config.model.num_heads={self.num_heads}"
+            )
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ConfigError(
+                f"config.model.rotary_dim={self.rotary_dim} must be even and within "
+                f"[0, head_dim={self.head_dim}]"
+            )
+        if self.rope_base <= 0:
+            raise ConfigError(f"config.model.rope_base={self.rope_base} must be positive")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(
+                    f"config.model.{name}={getattr(self, name)!r} is not one of {tuple(DTYPES)}"
+                )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"config.model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(
+                f"config.model.remat_policy={self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any]) -> ModelConfig:
+        """From `config.model` (a ConfigDict or dict); unknown fields are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dict(model_config)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"config.model has unknown field(s): {', '.join(unknown)}")
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in fields
+        )
+        if missing:
+            raise ConfigError(f"config.model is missing field(s): {', '.join(missing)}")
+        return cls(**fields)
+
+
+def _init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _param(
+    module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple, cfg: ModelConfig
+):
+    return module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, DTYPES[cfg.param_dtype]
+    )
+
+
+# GPT-NeoX's own initialisation (not HF's flat 0.02): "small_init" sqrt(2 / (5 d)) for inputs and
+# "wang_init" 2 / (L sqrt(d)) for the two projections that write into the residual stream.
+def _small_std(cfg: ModelConfig) -> float:
+    return math.sqrt(2.0 / (5.0 * cfg.d_model))
+
+
+def _wang_std(cfg: ModelConfig) -> float:
+    return 2.0 / (cfg.num_layers * math.sqrt(cfg.d_model))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias, eps from the config, computed in float32, output in the compute dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), self.cfg)
+        bias = _param(self, "bias", nn.initializers.zeros, (d,), ("embed",), self.cfg)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+            DTYPES[self.cfg.dtype]
+        )
+
+
+class Attention(nn.Module):
+    """Fused QKV (laid out per head as [heads, 3, head_dim], like HF), partial RoPE, causal attention."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        h, dh, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        qkv_w = _param(
+            self,
+            "qkv_kernel",
+            _init(_small_std(cfg)),
+            (d, h, 3, dh),
+            ("embed", "heads", None, "kv"),
+            cfg,
+        )
+        qkv_b = _param(
+            self, "qkv_bias", nn.initializers.zeros, (h, 3, dh), ("heads", None, "kv"), cfg
+        )
+        qkv = jnp.einsum("bte,ehcd->bthcd", x, qkv_w.astype(dtype)) + qkv_b.astype(dtype)
+        q, k, v = (
+            nn.with_logical_constraint(qkv[:, :, :, i], ("batch", "length", "heads", "kv"))
+            for i in range(3)
+        )
+        out = attend(
+            q,
+            k,
+            v,
+            positions=positions,
+            segment_ids=segment_ids,
+            rotary_dim=cfg.rotary_dim,
+            rope_base=cfg.rope_base,
+            impl=cfg.attention_impl,
+        )
+        out_w = _param(
+            self, "dense_kernel", _init(_wang_std(cfg)), (h, dh, d), ("heads", "kv", "embed"), cfg
+        )
+        out_b = _param(self, "dense_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
+        return jnp.einsum("bthd,hde->bte", out, out_w.astype(dtype)) + out_b.astype(dtype)
+
+
+class MLP(nn.Module):
+    """dense_h_to_4h -> exact (erf) GELU -> dense_4h_to_h, with biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        w1 = _param(
+            self,
+            "up_kernel",
+            _init(_small_std(cfg)),
+            (cfg.d_model, cfg.d_ff),
+            ("embed", "mlp"),
+            cfg,
+        )
+        b1 = _param(self, "up_bias", nn.initializers.zeros, (cfg.d_ff,), ("mlp",), cfg)
+        w2 = _param(
+            self,
+            "down_kernel",
+            _init(_wang_std(cfg)),
+            (cfg.d_ff, cfg.d_model),
+            ("mlp", "embed"),
+            cfg,
+        )
+        b2 = _param(self, "down_bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), cfg)
+        y = jnp.einsum("bte,ef->btf", x, w1.astype(dtype)) + b1.astype(dtype)
+        y = nn.with_logical_constraint(
+            jax.nn.gelu(y, approximate=False), ("batch", "length", "mlp")
+        )
+        return jnp.einsum("btf,fe->bte", y, w2.astype(dtype)) + b2.astype(dtype)
+
+
+class Block(nn.Module):
+    """One parallel-residual layer: x + attention(ln1(x)) + mlp(ln2(x)).
+
+    Signature fits `nn.scan`: (carry, *broadcast) -> (carry, None).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        attn = Attention(self.cfg, name="attention")(
+            LayerNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids
+        )
+        mlp = MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="post_attention_layernorm")(x))
+        x = x + attn + mlp
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class GPTNeoX(nn.Module):
+    """The causal LM.
+
+    __call__(tokens int32 [batch, seq], positions=None, segment_ids=None) -> logits [batch, seq, vocab]
+    in the compute dtype; with `return_hidden=True` the final-LayerNorm output [batch, seq, d_model]
+    instead (the trainer computes the loss in chunks from it and `embed_out` without full logits).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+        cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        embed = _param(
+            self,
+            "embed_in",
+            _init(_small_std(cfg)),
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            cfg,
+        )
+        x = jnp.take(embed, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(
+                Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+            )
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = layers(cfg, name="layers")(x, positions, segment_ids)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+
+        x = LayerNorm(cfg, name="final_layer_norm")(x)
+        if return_hidden:
+            return x
+        out = _param(
+            self,
+            "embed_out",
+            _init(_small_std(cfg)),
+            (cfg.d_model, cfg.vocab_size),
+            ("embed", "vocab"),
+            cfg,
+        )
+        logits = jnp.einsum("bte,ev->btv", x, out.astype(dtype))
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Parameter shapes/dtypes (boxed with logical axis names) via `jax.eval_shape`: no allocation."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(
+        lambda: GPTNeoX(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype))
+    )["params"]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact number of parameters, without allocating them."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))

@@ -1,0 +1,112 @@
+"""The device mesh (data x fsdp x model, within and across nodes) and logical-axis -> mesh-axis rules.
+
+The model only names logical axes; `config.mesh.rules` maps them onto these mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from polyglot_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "model")
+DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
+
+
+def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[str, int]:
+    """Fills the one -1 axis (within a node) so that the product of all axes is `num_devices`."""
+    shape = {}
+    for name in MESH_AXES + DCN_AXES:
+        value = mesh_cfg.get(name, 1)
+        if not isinstance(value, int) or value == 0 or value < -1:
+            raise ConfigError(f"config.mesh.{name}={value!r} must be a positive int or -1")
+        shape[name] = value
+    fill = [n for n, v in shape.items() if v == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"config.mesh: only one axis may be -1, got {', '.join(fill)}")
+    fixed = math.prod(v for v in shape.values() if v != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"config.mesh: the fixed axes (product {fixed}) do not divide the {num_devices} devices"
+            )
+        shape[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices"
+        )
+    return shape
+
+
+def axis_size(mesh_shape: Mapping[str, int], axis: str) -> int:
+    """Total size of a logical mesh axis, within-node times across-node."""
+    return mesh_shape[axis] * mesh_shape[f"dcn_{axis}"]
+
+
+def check_divisibility(model_cfg, mesh_shape: Mapping[str, int]) -> None:
+    """Every dimension sharded by the default rules must divide evenly over its mesh axis."""
+    model, fsdp = axis_size(mesh_shape, "model"), axis_size(mesh_shape, "fsdp")
+    for field, value, axis, size in (
+        ("num_heads", model_cfg.num_heads, "model", model),
+        ("vocab_size", model_cfg.vocab_size, "model", model),
+        ("d_ff", model_cfg.d_ff, "model", model),
+        ("d_model", model_cfg.d_model, "fsdp", fsdp),
+    ):
+        if value % size:
+            raise ConfigError(
+                f"config.model.{field}={value} is not divisible by the {axis} mesh axis (size {size})"
+            )
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over ('data', 'fsdp', 'model') with Auto axis types (classic GSPMD propagation).
+
+    Across nodes (dcn_* > 1) devices are laid out so that the slow network carries only the dcn part.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    ici = tuple(mesh_shape[a] for a in MESH_AXES)
+    dcn = tuple(mesh_shape[a] for a in DCN_AXES)
+    if math.prod(dcn) > 1:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, allow_split_physical_axes=True
+        )
+    else:
+        grid = np.asarray(devices).reshape(ici)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """`config.mesh.rules` (tuples or lists from a JSON/CLI round trip) as flax logical axis rules."""
+    out = []
+    for rule in rules:
+        logical, mesh_axes = rule
+        if isinstance(mesh_axes, list):
+            mesh_axes = tuple(mesh_axes)
+        for axis in mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,):
+            if axis is not None and axis not in MESH_AXES:
+                raise ConfigError(
+                    f"config.mesh.rules maps {logical!r} to unknown mesh axis {axis!r}"
+                )
+        out.append((logical, mesh_axes))
+    return tuple(out)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree of boxed (nn.Partitioned) values, e.g. `model.abstract_params`."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over the axes the rules give `batch`."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, spec)

@@ -1,0 +1,129 @@
+"""Our params <-> HF state dict and config.json, checked against real transformers objects."""
+
+import numpy as np
+import pytest
+from hf_reference import hf_state_dict, random_hf_model
+from transformers import GPTNeoXConfig
+
+from polyglot_jax import hf_mapping
+from polyglot_jax.errors import InputError
+from polyglot_jax.model import ModelConfig
+
+CFG = ModelConfig(
+    vocab_size=96, num_layers=2, d_model=80, d_ff=160, num_heads=5, rotary_dim=4, dtype="float32"
+)
+
+
+def _as_files(sd: dict) -> dict:
+    """transformers 5 names the output `lm_head` in memory and `embed_out` in files."""
+    sd = dict(sd)
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    return sd
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trip_reproduces_state_dict_exactly(scan_layers):
+    cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": scan_layers})
+    sd = _as_files(hf_state_dict(random_hf_model(cfg)))
+    back = hf_mapping.to_hf_state_dict(hf_mapping.from_hf_state_dict(sd, cfg), cfg)
+    assert list(back) == [s.hf_key for s in hf_mapping.tensor_specs(cfg)]
+    assert set(back) == set(sd)
+    for key in sd:
+        assert back[key].dtype == sd[key].dtype and np.array_equal(back[key], sd[key]), key
+
+
+def test_qkv_is_grouped_per_head():
+    """Row block h*3*Dh.. of HF's fused weight is head h's [q; k; v]: a plain 3-way split is wrong."""
+    sd = _as_files(hf_state_dict(random_hf_model(CFG)))
+    params = hf_mapping.from_hf_state_dict(sd, CFG)
+    w = sd["gpt_neox.layers.1.attention.query_key_value.weight"]  # [3D, D]
+    dh = CFG.head_dim
+    head, part = 3, 1  # head 3's key projection
+    rows = w[(head * 3 + part) * dh : (head * 3 + part + 1) * dh]
+    np.testing.assert_array_equal(
+        params["layers"]["attention"]["qkv_kernel"][1][:, head, part, :], rows.T
+    )
+
+
+def test_lm_head_name_and_legacy_buffers_are_accepted():
+    sd = hf_state_dict(random_hf_model(CFG))  # in-memory names: lm_head.weight
+    sd["gpt_neox.layers.0.attention.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
+    sd["gpt_neox.layers.0.attention.masked_bias"] = np.array(-1e9)
+    sd["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    params = hf_mapping.from_hf_state_dict(sd, CFG)
+    np.testing.assert_array_equal(params["embed_out"], sd["lm_head.weight"].T)
+
+
+def test_missing_key_is_named():
+    sd = _as_files(hf_state_dict(random_hf_model(CFG)))
+    del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    with pytest.raises(
+        InputError, match=r"missing tensor gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias"
+    ):
+        hf_mapping.from_hf_state_dict(sd, CFG)
+
+
+def test_shape_mismatch_names_key_and_both_shapes():
+    sd = _as_files(hf_state_dict(random_hf_model(CFG)))
+    sd["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] = np.zeros((160, 81), np.float32)
+    with pytest.raises(
+        InputError, match=r"dense_h_to_4h\.weight has shape \(160, 81\), expected \(160, 80\)"
+    ):
+        hf_mapping.from_hf_state_dict(sd, CFG)
+
+
+def test_unexpected_tensor_is_an_error():
+    sd = _as_files(hf_state_dict(random_hf_model(CFG)))
+    sd["gpt_neox.layers.2.mlp.dense_h_to_4h.weight"] = np.zeros((160, 80), np.float32)
+    with pytest.raises(InputError, match="unexpected tensor"):
+        hf_mapping.from_hf_state_dict(sd, CFG)
+
+
+def test_config_round_trip_through_transformers():
+    """Our config.json -> transformers' GPTNeoXConfig -> its saved dict -> our config."""
+    for cfg in (CFG, ModelConfig(30080, 28, 4096, 16384, 16, 64)):
+        hf = GPTNeoXConfig(**hf_mapping.to_hf_config(cfg))
+        assert int(
+            hf.hidden_size // hf.num_attention_heads * hf.rope_parameters["partial_rotary_factor"]
+        ) == (cfg.rotary_dim)
+        back = hf_mapping.from_hf_config(hf.to_dict())
+        for key, value in back.items():
+            assert getattr(cfg, key) == value, key
+
+
+def test_released_style_config_json():
+    """The field names of the released polyglot-ko-1.3b config.json (old rotary names)."""
+    released = {
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu",
+        "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16, "num_hidden_layers": 24,
+        "rotary_emb_base": 10000, "rotary_pct": 0.5, "max_position_embeddings": 2048, "vocab_size": 30080,
+        "layer_norm_eps": 1e-05, "tie_word_embeddings": False, "use_parallel_residual": True,
+        "bos_token_id": 0, "eos_token_id": 2, "torch_dtype": "float16",
+    }  # fmt: skip
+    fields = hf_mapping.from_hf_config(released)
+    assert fields == {
+        "vocab_size": 30080, "num_layers": 24, "d_model": 2048, "d_ff": 8192, "num_heads": 16,
+        "rotary_dim": 64, "rope_base": 10000.0, "max_len": 2048, "layer_norm_eps": 1e-5,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "not GPTNeoXForCausalLM"),
+        ({"use_parallel_residual": False}, "use_parallel_residual"),
+        ({"hidden_act": "gelu_new"}, "hidden_act"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ],
+)
+def test_unsupported_hf_configs_are_refused(change, message):
+    hf = {**hf_mapping.to_hf_config(CFG), **change}
+    with pytest.raises(InputError, match=message):
+        hf_mapping.from_hf_config(hf)
+
+
+def test_hf_config_missing_field():
+    hf = hf_mapping.to_hf_config(CFG)
+    del hf["intermediate_size"]
+    with pytest.raises(InputError, match="intermediate_size"):
+        hf_mapping.from_hf_config(hf)
