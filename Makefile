@@ -29,13 +29,13 @@ demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check polyglot_jax tests configs bench launch
-	$(BIN)/ruff format --check polyglot_jax tests configs bench launch
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff format polyglot_jax tests configs bench launch
-	$(BIN)/ruff check --fix polyglot_jax tests configs bench launch
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean-venv:
 	rm -rf $(VENV)
