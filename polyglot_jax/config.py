@@ -11,6 +11,7 @@ import pathlib
 
 import ml_collections
 
+from polyglot_jax.data.pipeline import default_data_config
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.partitioning import check_divisibility, resolve_mesh_shape
@@ -41,6 +42,39 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = (
         "none"  # none | full | dots | dots_no_batch: what the backward recomputes
     )
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps
+    c.train.batch_size = 1024  # global batch in sequences (all microbatches together)
+    c.train.seq_len = 2048  # tokens per sequence (each example holds seq_len + 1 for the shift)
+    c.train.grad_accum = 1  # microbatches per step, scanned; batch_size must divide evenly
+    c.train.seed = 0  # parameter init; the data order has its own seed (config.data.seed)
+    c.train.lr = 2e-4  # peak learning rate (GPT-NeoX-style value; the report gives none)
+    c.train.warmup_steps = 100  # linear warmup from 0
+    c.train.decay = "cosine"  # cosine | linear, from lr at warmup_steps to lr * min_lr_ratio at steps
+    c.train.min_lr_ratio = 0.1  # the floor, as a fraction of lr
+    c.train.b1 = 0.9  # AdamW
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.01  # on weight matrices only (not biases, not LayerNorm)
+    c.train.clip_norm = 1.0  # global gradient-norm clipping; 0 disables it
+    c.train.z_loss = 0.0  # coefficient of log(Z)^2; 0 disables it
+    c.train.loss_chunk = 512  # sequence positions per chunk of the vocab projection + softmax
+    c.train.nan_policy = "halt"  # halt | skip: what a non-finite loss or gradient norm does
+    c.train.log_every = 10  # steps between metrics.jsonl / TensorBoard records
+    c.train.checkpoint_every = 1000  # steps between (async) checkpoints; the last step always saves
+    c.train.keep_checkpoints = 3  # the newest K checkpoints are kept...
+    c.train.keep_every = 0  # ...plus every M-th step for good (0: none)
+    c.train.async_checkpoints = True  # write checkpoints in the background
+    c.train.init_from = ""  # workdir or checkpoint whose params seed a new run (continued pretraining)
+    c.train.peak_flops_per_device = 0.0  # for MFU; 0 looks the device kind up in polyglot_jax/flops.py
+    c.train.profile_steps = (0, 0)  # (first step, count): jax.profiler trace into workdir/profile
+    c.train.spike_threshold = 0.5  # warn when the loss rises 50% above its running average...
+    c.train.drop_threshold = 0.2  # ...or falls 20% below it
+    c.train.spike_halflife = 50  # steps; the running average's half-life
+
+    # Tokenized shards and how batches are built; every key is documented in data/pipeline.py.
+    c.data = default_data_config()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data parallelism within a node/slice; -1 takes the devices left over

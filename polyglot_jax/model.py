@@ -311,4 +311,5 @@ def abstract_params(cfg: ModelConfig) -> Any:
 
 def count_params(cfg: ModelConfig) -> int:
     """Exact number of parameters, without allocating them."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+    boxed = jax.tree.leaves(abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return sum(math.prod(x.value.shape) for x in boxed)

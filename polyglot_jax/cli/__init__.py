@@ -43,6 +43,12 @@ def _fail(sub: str, message: str) -> None:
     sys.exit(2)
 
 
+def _quiet_libraries(record) -> bool:
+    """Keeps orbax's and grain's per-save INFO chatter out of the console; their warnings stay."""
+    noisy = ("/orbax/", "/grain/", "/absl/")
+    return record.levelno >= logging.converter.STANDARD_WARNING or not any(n in record.pathname for n in noisy)
+
+
 def _unquote(s: str) -> str:
     return s[1:-1] if len(s) > 1 and s[0] == s[-1] and s[0] in "'\"" else s
 
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(sub, _one_line(e))
     logging.use_absl_handler()
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
         code = module.main(remaining)
     except (PolyglotError, flags.Error) as e:

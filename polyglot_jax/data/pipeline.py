@@ -1,0 +1,552 @@
+"""grain input pipeline: tokenized shards -> shuffled records -> sequences -> per-process batches.
+
+    it = make_pipeline(config.data, seq_len=2048, global_batch_size=1024)
+    batch = next(it)               # numpy, this process's rows only
+    arrays = make_global_batch(batch, NamedSharding(mesh, P(("data", "fsdp"))))
+
+`next(it)` gives {'tokens': int32 [local_batch, seq_len + 1]} and, in packed mode, also
+'segment_ids' and 'positions' (int32, same shape), plus 'epoch' (float64 scalar: epochs completed
++ fraction of the current one, for the corpus furthest through its data) and 'epochs' (float64
+[num_corpora], each corpus's own). `local_batch = global_batch_size // process_count`.
+
+Stages (each JAX process reads only its share):
+1. Records of each tokenized directory (`shards.py`: blocks of whole documents) are a grain
+   `MapDataset` over ArrayRecord; this process keeps records `process_index::process_count`;
+   `shuffle` permutes them with a seed per corpus, differently in every epoch (`repeat`).
+2. Corpora are mixed record by record with `MapDataset.mix`; config weights are shares of
+   *tokens*, turned into record proportions with each corpus's mean record size.
+3. Rows of `seq_len + 1` tokens are built a window of `shuffle_buffer` rows at a time (rounded up
+   to a multiple of the local batch) and, with `shuffle`, emitted in a seeded random order:
+   - 'concat': contiguous chunks of the token stream (documents joined by their eos), the way
+     GPT-NeoX trained Polyglot-Ko;
+   - 'packed': whole documents placed first-fit into the window's rows (each into the first row
+     with room; the window ends at the first document that fits in none). A document longer than
+     a row is cut into row-sized pieces (one longer than a record was already cut where records
+     end when it was tokenized). segment_ids number the pieces of a row 1, 2, 3..., positions
+     restart at 0 for each, and padding (only the tail a row could not fill) has segment id 0 and
+     token 0 (`<pad>` in the Polyglot-Ko layout); the loss mask is `segment_ids != 0`.
+4. Batches of consecutive rows; a thread prepares `prefetch` batches ahead.
+
+The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON dict (where the current
+window starts in the record stream, and how many of its rows were emitted), so
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` work inside an orbax checkpoint and
+a restored iterator produces exactly the next batch. The state belongs to one process index and
+count and to the same data and settings; `set_state` raises ConfigError otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from polyglot_jax.data.shards import decode_record, read_manifest, shard_files
+from polyglot_jax.errors import ConfigError
+
+MODES = ("concat", "packed")
+BATCH_ARRAYS = ("tokens", "segment_ids", "positions")  # the per-row arrays; the rest is metadata
+BUILTIN = "builtin"  # a `shards` entry naming the built-in Korean sample (data/sample.py)
+_STATE_VERSION = 1
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The keys `make_pipeline` reads, with their defaults."""
+    config = ml_collections.ConfigDict()
+    # Tokenized directories (each with manifest.json); "builtin" = the built-in Korean sample.
+    config.shards = (BUILTIN,)
+    # Share of tokens drawn from each directory (any positive scale); () = proportional to size.
+    config.weights = ()
+    config.mode = "concat"  # "concat" | "packed"
+    config.shuffle = True  # records globally, every epoch anew, and rows within a window
+    config.shuffle_buffer = 1024  # rows per window (shuffled together; the bins of packing)
+    config.seed = 0
+    config.prefetch = 2  # batches prepared ahead in a background thread (0 = none)
+    config.cache_dir = ""  # where "builtin" is prepared ("" = sample.default_cache_dir())
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """One tokenized directory as this process sees it."""
+
+    directory: str
+    manifest: dict
+    share: int  # records in this process's share
+
+
+def _resolve_directories(data_config: ml_collections.ConfigDict) -> list[str]:
+    shards = data_config.get("shards", ())
+    if isinstance(shards, str):
+        shards = (shards,)
+    if not shards:
+        raise ConfigError("config.data.shards is empty: name tokenized directories or 'builtin'")
+    directories = []
+    for entry in shards:
+        if entry == BUILTIN:
+            from polyglot_jax.data.sample import prepare_builtin_sample
+
+            entry = str(prepare_builtin_sample(data_config.get("cache_dir") or None))
+        directories.append(str(entry))
+    return directories
+
+
+def _record_weights(corpora: Sequence[Corpus], weights: Sequence[float]) -> list[float]:
+    """Record proportions for `MapDataset.mix` from token shares (or sizes when empty)."""
+    if not weights:
+        return [float(c.manifest["records"]) for c in corpora]
+    if len(weights) != len(corpora):
+        raise ConfigError(
+            f"config.data.weights has {len(weights)} entries for {len(corpora)} shards directories"
+        )
+    if any(not w > 0 for w in weights):
+        raise ConfigError(f"config.data.weights must all be positive, got {tuple(weights)}")
+    return [
+        w * c.manifest["records"] / c.manifest["tokens"]
+        for w, c in zip(weights, corpora, strict=True)
+    ]
+
+
+def _corpus_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class _Tag:
+    """(corpus, index in this process's repeated share, record bytes): the index gives the epoch."""
+
+    def __init__(self, corpus: int):
+        self.corpus = corpus
+
+    def __call__(self, index: int, record: bytes) -> tuple[int, int, bytes]:
+        return self.corpus, index, record
+
+
+def record_stream(
+    corpora: Sequence[Corpus],
+    record_weights: Sequence[float],
+    *,
+    seed: int,
+    shuffle: bool,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`."""
+    parts = []
+    for c, corpus in enumerate(corpora):
+        source = grain.sources.ArrayRecordDataSource(shard_files(corpus.directory, corpus.manifest))
+        ds = grain.MapDataset.source(source)[process_index::process_count]
+        if shuffle:
+            ds = ds.shuffle(seed=_corpus_seed(seed, c))
+        parts.append(ds.repeat().map_with_index(_Tag(c)))
+    if len(parts) == 1:
+        return parts[0]
+    return grain.MapDataset.mix(parts, list(record_weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    """A point in the record stream: record index, token offset in it, records consumed per
+    corpus before it (for epochs)."""
+
+    record: int
+    offset: int
+    consumed: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    arrays: dict[str, np.ndarray]  # [rows, row_len] int32 each
+    order: np.ndarray  # emission order of the rows
+    start: _Position
+    end: _Position
+
+
+class _FirstFitRows:
+    """Free space per row of a window, answering "the first row with room for n tokens" in
+    O(log rows): a max segment tree over the rows, in Python lists (scalar steps are faster there
+    than in numpy)."""
+
+    def __init__(self, rows: int, capacity: int):
+        size = 1
+        while size < rows:
+            size *= 2
+        self.size = size
+        tree = [-1] * (2 * size)  # leaves past `rows` never fit
+        tree[size : size + rows] = [capacity] * rows
+        for i in range(size - 1, 0, -1):
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+        self.tree = tree
+
+    def first_fit(self, n: int) -> int:
+        """Index of the first row with at least `n` free tokens, or -1."""
+        tree = self.tree
+        if tree[1] < n:
+            return -1
+        i = 1
+        while i < self.size:
+            i *= 2
+            if tree[i] < n:
+                i += 1
+        return i - self.size
+
+    def take(self, row: int, n: int) -> int:
+        """Uses `n` tokens of `row`; returns its free space before."""
+        tree = self.tree
+        i = row + self.size
+        before = tree[i]
+        tree[i] = before - n
+        i //= 2
+        while i:
+            best = max(tree[2 * i], tree[2 * i + 1])
+            if tree[i] == best:
+                break  # ancestors unchanged
+            tree[i] = best
+            i //= 2
+        return before
+
+
+class _WindowBuilder:
+    """Builds the rows of one window from the record stream, deterministically from its start."""
+
+    def __init__(self, records, *, mode, rows, row_len, shuffle, seed, process_index, corpora):
+        self.records = records
+        self.mode = mode
+        self.rows = rows
+        self.row_len = row_len
+        self.shuffle = shuffle
+        self.seed = seed
+        self.process_index = process_index
+        self.num_corpora = corpora
+
+    def _read(self, index: int, consumed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        corpus, in_share, data = self.records[index]
+        consumed[corpus] = max(consumed[corpus], in_share + 1)
+        return decode_record(data)
+
+    def build(self, start: _Position, window_index: int) -> _Window:
+        if self.mode == "concat":
+            arrays, end = self._concat(start)
+        else:
+            arrays, end = self._packed(start)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.process_index, window_index])
+            order = rng.permutation(self.rows)
+        else:
+            order = np.arange(self.rows)
+        return _Window(arrays, order, start, end)
+
+    def _concat(self, start: _Position):
+        need = self.rows * self.row_len
+        consumed = list(start.consumed)
+        parts, have = [], 0
+        record, offset = start.record, start.offset
+        while True:
+            tokens, _ = self._read(record, consumed)
+            take = min(tokens.size - offset, need - have)
+            parts.append(tokens[offset : offset + take])
+            have += take
+            if offset + take < tokens.size:
+                offset += take
+                break
+            record, offset = record + 1, 0
+            if have == need:
+                break
+        tokens = np.concatenate(parts).astype(np.int32).reshape(self.rows, self.row_len)
+        return {"tokens": tokens}, _Position(record, offset, tuple(consumed))
+
+    def _packed(self, start: _Position):
+        rows, row_len = self.rows, self.row_len
+        consumed = list(start.consumed)
+        free = _FirstFitRows(rows, row_len)
+        segments = [0] * rows
+        p_row, p_dst, p_src, p_len, p_seg = [], [], [], [], []
+        stream, stream_len = [], 0
+        record, offset = start.record, start.offset
+        while True:
+            tokens, starts = self._read(record, consumed)
+            base = stream_len - offset  # stream offset of tokens[0]
+            stream.append(tokens[offset:])
+            stream_len += tokens.size - offset
+            bounds = [offset, *starts[starts > offset].tolist(), tokens.size]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                while a < b:
+                    n = min(b - a, row_len)
+                    r = free.first_fit(n)
+                    if r < 0:  # fits nowhere: the window is full and ends here
+                        arrays = self._packed_arrays(stream, p_row, p_dst, p_src, p_len, p_seg)
+                        return arrays, _Position(record, a, tuple(consumed))
+                    segments[r] += 1
+                    p_row.append(r)
+                    p_dst.append(row_len - free.take(r, n))
+                    p_src.append(base + a)
+                    p_len.append(n)
+                    p_seg.append(segments[r])
+                    a += n
+            record, offset = record + 1, 0
+
+    def _packed_arrays(self, stream, p_row, p_dst, p_src, p_len, p_seg) -> dict[str, np.ndarray]:
+        stream = np.concatenate(stream)
+        lengths = np.asarray(p_len, np.int64)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        dst = np.repeat(np.asarray(p_row) * self.row_len + np.asarray(p_dst), lengths) + within
+        src = np.repeat(np.asarray(p_src, np.int64), lengths) + within
+        shape = (self.rows, self.row_len)
+        tokens = np.zeros(self.rows * self.row_len, np.int32)
+        segment_ids = np.zeros_like(tokens)
+        positions = np.zeros_like(tokens)
+        tokens[dst] = stream[src]
+        segment_ids[dst] = np.repeat(np.asarray(p_seg, np.int32), lengths)
+        positions[dst] = within
+        return {
+            "tokens": tokens.reshape(shape),
+            "segment_ids": segment_ids.reshape(shape),
+            "positions": positions.reshape(shape),
+        }
+
+
+class _SequenceIterator(grain.DatasetIterator):
+    def __init__(self, dataset: SequenceDataset):
+        super().__init__()
+        self._ds = dataset
+        self._builder = dataset.builder()
+        self._start = _Position(0, 0, (0,) * len(dataset.shares))
+        self._window_index = 0
+        self._row = 0
+        self._window: _Window | None = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ds = self._ds
+        if self._window is None:
+            self._window = self._builder.build(self._start, self._window_index)
+        window = self._window
+        rows = window.order[self._row : self._row + ds.local_batch]
+        batch = {k: v[rows] for k, v in window.arrays.items()}
+        self._row += ds.local_batch
+        # Epoch progress interpolated over the window's rows (exact at window ends).
+        frac = self._row / ds.window_rows
+        consumed = np.add(
+            window.start.consumed,
+            frac * (np.asarray(window.end.consumed) - np.asarray(window.start.consumed)),
+        )
+        epochs = consumed / np.asarray(ds.shares, np.float64)
+        batch["epochs"] = epochs
+        batch["epoch"] = np.float64(epochs.max())
+        if self._row == ds.window_rows:
+            self._start, self._window_index, self._row = window.end, self._window_index + 1, 0
+            self._window = None
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "fingerprint": self._ds.fingerprint,
+            "process_index": self._ds.process_index,
+            "process_count": self._ds.process_count,
+            "window": self._window_index,
+            "record": self._start.record,
+            "offset": self._start.offset,
+            "consumed": list(self._start.consumed),
+            "row": self._row,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        ds = self._ds
+        where = (state.get("process_index"), state.get("process_count"))
+        if where != (ds.process_index, ds.process_count):
+            raise ConfigError(
+                f"data iterator state is for process {where[0]} of {where[1]}, this is "
+                f"{ds.process_index} of {ds.process_count}"
+            )
+        if state.get("version") != _STATE_VERSION or state.get("fingerprint") != ds.fingerprint:
+            raise ConfigError(
+                "data iterator state was saved with other data or config.data/seq_len/batch "
+                "settings; it cannot resume this pipeline"
+            )
+        self._start = _Position(
+            int(state["record"]), int(state["offset"]), tuple(int(c) for c in state["consumed"])
+        )
+        self._window_index = int(state["window"])
+        self._row = int(state["row"])
+        self._window = None
+
+
+class SequenceDataset(grain.IterDataset):
+    """Rows of `row_len` tokens in batches of `local_batch`, from a `record_stream`."""
+
+    def __init__(
+        self,
+        records: grain.MapDataset,
+        *,
+        shares: Sequence[int],
+        mode: str,
+        row_len: int,
+        local_batch: int,
+        window_rows: int,
+        shuffle: bool,
+        seed: int,
+        process_index: int,
+        process_count: int,
+        fingerprint: str,
+    ):
+        super().__init__(records)
+        self.records = records
+        self.shares = tuple(shares)
+        self.mode = mode
+        self.row_len = row_len
+        self.local_batch = local_batch
+        self.window_rows = window_rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.fingerprint = fingerprint
+
+    def builder(self) -> _WindowBuilder:
+        return _WindowBuilder(
+            self.records,
+            mode=self.mode,
+            rows=self.window_rows,
+            row_len=self.row_len,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            process_index=self.process_index,
+            corpora=len(self.shares),
+        )
+
+    def __iter__(self) -> _SequenceIterator:
+        return _SequenceIterator(self)
+
+    def __str__(self) -> str:
+        return f"SequenceDataset(mode={self.mode}, row_len={self.row_len})"
+
+
+def make_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The pipeline as a grain `IterDataset` (see the module docstring); `make_pipeline` iterates it.
+
+    `seed` defaults to `data_config.seed`; `process_index` / `process_count` (which share of the
+    data this process reads) default to `jax.process_index()` / `jax.process_count()`."""
+    mode = data_config.get("mode", "concat")
+    if mode not in MODES:
+        raise ConfigError(f"config.data.mode={mode!r}; choose one of {MODES}")
+    if seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len} must be positive")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ConfigError(
+            f"global batch size {global_batch_size} is not a positive multiple of the "
+            f"{process_count} data-loading processes"
+        )
+    seed = data_config.get("seed", 0) if seed is None else seed
+    local_batch = global_batch_size // process_count
+    shuffle = bool(data_config.get("shuffle", True))
+    buffer = int(data_config.get("shuffle_buffer", 1024))
+    window_rows = -(-max(buffer, local_batch) // local_batch) * local_batch
+
+    corpora = []
+    for directory in _resolve_directories(data_config):
+        manifest = read_manifest(directory)
+        share = len(range(process_index, manifest["records"], process_count))
+        if share == 0:
+            raise ConfigError(
+                f"{directory}: {manifest['records']} records cannot be shared by "
+                f"{process_count} processes"
+            )
+        corpora.append(Corpus(directory, manifest, share))
+    hashes = {c.manifest.get("tokenizer_sha256") for c in corpora}
+    if len(hashes) > 1:
+        raise ConfigError("config.data.shards were tokenized with different tokenizers")
+    record_weights = _record_weights(corpora, tuple(data_config.get("weights", ())))
+    records = record_stream(
+        corpora,
+        record_weights,
+        seed=seed,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    identity = {
+        "corpora": [
+            [c.manifest["tokens"], c.manifest["records"], c.manifest.get("tokenizer_sha256")]
+            for c in corpora
+        ],
+        "weights": record_weights,
+        "mode": mode,
+        "row_len": seq_len + 1,
+        "local_batch": local_batch,
+        "window_rows": window_rows,
+        "shuffle": shuffle,
+        "seed": seed,
+    }
+    fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return SequenceDataset(
+        records,
+        shares=[c.share for c in corpora],
+        mode=mode,
+        row_len=seq_len + 1,
+        local_batch=local_batch,
+        window_rows=window_rows,
+        shuffle=shuffle,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        fingerprint=fingerprint,
+    )
+
+
+def make_pipeline(
+    data_config: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """This process's batch iterator (checkpointable; see the module docstring for the batches).
+
+    Reads `data_config` keys: shards, weights, mode, shuffle, shuffle_buffer, seed, prefetch,
+    cache_dir (defaults: `default_data_config()`)."""
+    dataset = make_dataset(
+        data_config,
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    prefetch = int(data_config.get("prefetch", 2))
+    if prefetch > 0:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(
+            dataset, prefetch_buffer_size=prefetch
+        )
+    return iter(dataset)
+
+
+def make_global_batch(
+    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """The per-process rows of `batch` as global `jax.Array`s [global_batch, seq_len + 1] laid
+    out by `sharding` (e.g. `NamedSharding(mesh, P(("data", "fsdp")))`); only the row arrays
+    ('tokens', 'segment_ids', 'positions'), not the epoch metadata."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, batch[k])
+        for k in BATCH_ARRAYS
+        if k in batch
+    }

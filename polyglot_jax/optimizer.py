@@ -1,0 +1,58 @@
+"""The optimizer: optax AdamW with GPT-NeoX's schedule, global-norm clipping, decay only on matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+from polyglot_jax.errors import ConfigError
+
+
+def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `steps`."""
+    steps, warmup, peak = train["steps"], train["warmup_steps"], train["lr"]
+    floor = peak * train["min_lr_ratio"]
+    if train["decay"] not in ("cosine", "linear"):
+        raise ConfigError(
+            f"config.train.decay={train['decay']!r} is not one of ('cosine', 'linear')"
+        )
+    if not 0 <= warmup <= steps:
+        raise ConfigError(f"config.train.warmup_steps={warmup} must be within [0, steps={steps}]")
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay_steps = max(steps - warmup, 1)
+    if train["decay"] == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train["min_lr_ratio"])
+    else:
+        decay = optax.linear_schedule(peak, floor, decay_steps)
+    return optax.join_schedules([warm, decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for weight matrices; biases and LayerNorm parameters (vectors per layer) get no decay."""
+
+    def is_matrix(path, leaf) -> bool:
+        name = str(path[-1].key)
+        return not (name.endswith("bias") or name == "scale")
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
+    """AdamW(b1, b2, eps, weight_decay) after clipping the global gradient norm to `clip_norm`."""
+    chain = []
+    if train["clip_norm"] > 0:
+        chain.append(optax.clip_by_global_norm(train["clip_norm"]))
+    chain.append(
+        optax.adamw(
+            learning_rate_schedule(train),
+            b1=train["b1"],
+            b2=train["b2"],
+            eps=train["eps"],
+            weight_decay=train["weight_decay"],
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*chain)

@@ -1,0 +1,392 @@
+"""The trainer: a jitted, sharded step over a data x fsdp x model mesh, with checkpoints and metrics.
+
+    state = (params, opt_state)               float32 master weights, sharded by the logical rules
+    batch [batch_size, seq_len + 1] tokens    sharded over the mesh axes that the rules give `batch`
+    step: grad_accum microbatches (lax.scan) -> one AdamW update; non-finite updates are never applied
+
+Everything that can be checked before compiling is checked first (one ConfigError each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from polyglot_jax import flops
+from polyglot_jax.checkpoint import Checkpointer, restore_params
+from polyglot_jax.config import validate
+from polyglot_jax.data.pipeline import make_global_batch, make_pipeline
+from polyglot_jax.errors import ConfigError, PolyglotError
+from polyglot_jax.loss import chunked_cross_entropy
+from polyglot_jax.metrics import LossWatch, MetricsWriter
+from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
+from polyglot_jax.optimizer import learning_rate_schedule, make_optimizer
+from polyglot_jax.partitioning import (
+    axis_size,
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    rules_from_config,
+)
+
+
+class NonFiniteLoss(PolyglotError):
+    """The loss or gradient norm became NaN/Inf under `nan_policy='halt'`."""
+
+
+def check_train_config(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh_shape: dict
+) -> None:
+    """The train section against the model and the mesh; one ConfigError naming the field."""
+    t = config.train
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "log_every",
+        "checkpoint_every",
+        "loss_chunk",
+    ):
+        if not isinstance(t[name], int) or t[name] <= 0:
+            raise ConfigError(f"config.train.{name}={t[name]!r} must be a positive int")
+    if t.seq_len > model_cfg.max_len:
+        raise ConfigError(
+            f"config.train.seq_len={t.seq_len} exceeds config.model.max_len={model_cfg.max_len}"
+        )
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}"
+        )
+    batch_devices = axis_size(mesh_shape, "data") * axis_size(mesh_shape, "fsdp")
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_devices:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} sequences per "
+            f"microbatch is not divisible by the data x fsdp mesh axes (size {batch_devices})"
+        )
+    if t.nan_policy not in ("halt", "skip"):
+        raise ConfigError(
+            f"config.train.nan_policy={t.nan_policy!r} is not one of ('halt', 'skip')"
+        )
+    if t.keep_checkpoints <= 0:
+        raise ConfigError(f"config.train.keep_checkpoints={t.keep_checkpoints} must be positive")
+
+
+def _unboxed_shapes(tree: Any) -> Any:
+    """Shapes of a boxed abstract tree (no sharding constraint applied, unlike `nn.meta.unbox`)."""
+    unbox = lambda x: x.value if isinstance(x, nn.Partitioned) else x  # noqa: E731
+    tree = jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _shardings_like(tree: Any, param_shardings: Any, mesh) -> Any:
+    """Shardings for an optimizer-state tree: leaves under a parameter's path take its sharding."""
+    by_path = {
+        tuple(str(getattr(k, "key", k)) for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            if keys[start:] in by_path and len(keys[start:]) > 0:
+                return by_path[keys[start:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """The compiled pieces of a run and the shardings they agree on."""
+
+    init_params: Any
+    init_opt: Any
+    train_step: Any
+    param_shardings: Any
+    opt_shardings: Any
+    abstract_params: Any
+    abstract_opt: Any
+    batch_sharding: NamedSharding
+
+
+def build_step(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh, rules
+) -> StepFunctions:
+    """Jits init and the train step with explicit in/out shardings; the state is donated."""
+    t = config.train
+    model = GPTNeoX(model_cfg)
+    tx = make_optimizer(t)
+    boxed = abstract_params(model_cfg)
+    param_shardings = logical_shardings(boxed, mesh, rules)
+    abs_params = _unboxed_shapes(boxed)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_shardings = _shardings_like(abs_opt, param_shardings, mesh)
+    data_sharding = batch_sharding(mesh, rules)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, *data_sharding.spec))
+
+    def init_params(seed):
+        dummy = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(model.init(jax.random.key(seed), dummy)["params"])
+
+    def loss_terms(params, micro):
+        tokens = micro["tokens"]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        positions = segment_ids = None
+        mask = jnp.ones(targets.shape, jnp.float32)
+        if (
+            "segment_ids" in micro
+        ):  # packed: no loss across a document start, none on padding (id 0)
+            seg = micro["segment_ids"]
+            segment_ids, positions = seg[:, :-1], micro["positions"][:, :-1]
+            mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
+        hidden = model.apply({"params": params}, inputs, positions, segment_ids, return_hidden=True)
+        ce, zl, count = chunked_cross_entropy(
+            hidden, params["embed_out"], targets, mask, chunk=t.loss_chunk, z_loss=t.z_loss
+        )
+        return ce + zl, (ce, count)
+
+    def train_step(params, opt_state, batch):
+        # Microbatch m takes rows m, m + A, m + 2A, ...: every device keeps its share of each one.
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                jnp.swapaxes(x.reshape(-1, t.grad_accum, *x.shape[1:]), 0, 1), micro_sharding
+            ),
+            batch,
+        )
+        grad_fn = jax.grad(loss_terms, has_aux=True)
+
+        def accumulate(carry, mb):
+            grads, ce, count = carry
+            g, (ce_m, count_m) = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, grads, g), ce + ce_m, count + count_m), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, ce, count), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro
+        )
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss, grad_norm = ce / count, optax.tree.norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # An update is applied only when everything about it is finite (a NaN learning rate too).
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        )
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return StepFunctions(
+        init_params=jax.jit(init_params, static_argnums=0, out_shardings=param_shardings),
+        init_opt=jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(param_shardings, opt_shardings, data_sharding),
+            out_shardings=(param_shardings, opt_shardings, None),
+            donate_argnums=(0, 1),
+        ),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+        abstract_params=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abs_params,
+            param_shardings,
+        ),
+        abstract_opt=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_shardings
+        ),
+        batch_sharding=data_sharding,
+    )
+
+
+class PreemptionGuard:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning(
+            "received %s: finishing this step, saving, then exiting", signal.Signals(signum).name
+        )
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """`workdir/config.json`: the resolved config of the run (written atomically)."""
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    tmp.replace(workdir / "config.json")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains until `config.train.steps`, resuming from `workdir/checkpoints/` when it holds any.
+
+    Returns the last logged metrics (and `preempted: True` when a signal stopped the run early).
+    """
+    workdir = pathlib.Path(workdir)
+    model_cfg, mesh_shape = validate(config, jax.device_count())
+    check_train_config(config, model_cfg, mesh_shape)
+    t = config.train
+    rules = rules_from_config(config.mesh.rules)
+    mesh = make_mesh(mesh_shape)
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_iter = make_pipeline(
+        config.data,
+        seq_len=t.seq_len,
+        global_batch_size=t.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if is_main:
+        _write_config(config, workdir)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        fns = build_step(config, model_cfg, mesh, rules)
+        ckpt = Checkpointer(
+            workdir,
+            keep=t.keep_checkpoints,
+            keep_period=t.keep_every,
+            async_save=t.async_checkpoints,
+        )
+        restored = ckpt.restore_latest(fns.abstract_params, fns.abstract_opt, data_iter)
+        if restored is not None:
+            start, params, opt_state = restored
+            logging.info("resumed from %s/%d", ckpt.directory, start)
+        else:
+            start = 0
+            if t.init_from:
+                params, source = restore_params(t.init_from, fns.abstract_params)
+                logging.info("initialised parameters from %s", source)
+            else:
+                params = fns.init_params(t.seed)
+            opt_state = fns.init_opt(params)
+        return _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start)
+
+
+def _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start):
+    t = config.train
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(start)
+    watch = LossWatch(t.spike_threshold, t.drop_threshold, t.spike_halflife)
+    schedule = learning_rate_schedule(t)
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_per_step = flops.training_flops_per_token(model_cfg, t.seq_len) * tokens_per_step
+    peak = t.peak_flops_per_device or flops.peak_flops_per_device()
+    profile_first, profile_count = t.profile_steps
+    last: dict[str, Any] = {}
+    skipped = 0
+
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    bar = tqdm(
+        total=t.steps,
+        initial=start,
+        disable=not is_main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5 if interactive else 30,  # a log file gets a line every 30 s, not every step
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    with PreemptionGuard() as guard:
+        try:
+            while step < t.steps:
+                if profile_count and step == profile_first:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                local = next(data_iter)
+                epoch = float(local["epoch"])
+                batch = make_global_batch(local, fns.batch_sharding)
+                params, opt_state, m = fns.train_step(params, opt_state, batch)
+                m = jax.device_get(m)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if profile_count and step == profile_first + profile_count:
+                    jax.profiler.stop_trace()
+                if not m["finite"]:
+                    if t.nan_policy == "halt":
+                        raise NonFiniteLoss(
+                            f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {step}; "
+                            f"nothing was applied or saved; the last checkpoint is step {max(ckpt.steps(), default=0)}"
+                        )
+                    skipped += 1
+                    logging.warning(
+                        "step %d: non-finite loss or gradient norm; update skipped", step
+                    )
+                else:
+                    loss = float(m["loss"])
+                    watch.update(step, loss, epoch)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if step % t.log_every == 0 or step == t.steps:
+                        elapsed = time.perf_counter() - window_start
+                        step_time = elapsed / max(window_steps, 1)
+                        mfu = (
+                            flops_per_step / step_time / (peak * jax.device_count())
+                            if peak
+                            else None
+                        )
+                        last = {
+                            "step": step,
+                            "loss": loss,
+                            "lr": float(schedule(step - 1)),
+                            "grad_norm": float(m["grad_norm"]),
+                            "tokens_per_s": tokens_per_step / step_time,
+                            "step_time_s": step_time,
+                            "mfu": mfu,
+                            "epoch": epoch,
+                            "skipped_steps": skipped,
+                        }
+                        writer.write(last)
+                        window_start, window_steps = time.perf_counter(), 0
+                stop = guard.agreed()
+                if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                    ckpt.save(step, params, opt_state, data_iter, force=True)
+                if stop:
+                    ckpt.wait()
+                    logging.warning("saved step %d after a stop signal; exiting", step)
+                    return {**last, "preempted": True}
+            return last
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()

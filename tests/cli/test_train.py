@@ -1,0 +1,107 @@
+"""`polyglot-jax train` as a cluster runs it: killed at a random step, stopped by SIGTERM, resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from train_fixtures import REPO, tiny_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+    return tiny_shards(tmp_path_factory.mktemp("cache"))
+
+
+def _command(shards: pathlib.Path, workdir: pathlib.Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "polyglot_jax", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
+        "--config.model.d_model=64", "--config.model.d_ff=128", "--config.model.rotary_dim=8",
+        f"--config.train.steps={steps}", "--config.train.seq_len=32", "--config.train.warmup_steps=2",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+        f"--config.data.shards=('{shards}',)", "--config.data.shuffle_buffer=64",
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def _wait_for_step(
+    proc: subprocess.Popen, workdir: pathlib.Path, step: int, timeout: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout
+    while max(_losses(workdir), default=0) < step:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run did not reach the step in time"
+        time.sleep(0.05)
+
+
+def test_sigkill_at_random_step_then_resume_is_bit_exact(shards, tmp_path):
+    steps = 10
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        _command(shards, reference, steps), cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    workdir = tmp_path / "killed"
+    kill_at = random.Random().randint(2, steps - 2)
+    proc = subprocess.Popen(
+        _command(shards, workdir, steps),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(proc, workdir, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(
+        _command(shards, workdir, steps), cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    want, got = _losses(reference), _losses(workdir)
+    assert sorted(want) == list(range(1, steps + 1))
+    assert got == want, f"killed at step >= {kill_at}"  # every logged loss, bit for bit
+
+
+def test_sigterm_saves_and_exits_zero(shards, tmp_path):
+    proc = subprocess.Popen(
+        _command(shards, tmp_path, 1000),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(proc, tmp_path, 3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.monotonic() - sent < 60
+    last = max(_losses(tmp_path))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == last and last < 1000
+    assert "stopped by a signal" in out

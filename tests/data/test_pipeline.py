@@ -1,0 +1,565 @@
+"""grain pipeline: shuffling and shares, concat and packed rows, checkpoints, epochs, mixtures,
+global batches (one and two processes), the built-in sample, and an NSMC run end to end."""
+
+import gzip
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from polyglot_jax.data.pipeline import (
+    Corpus,
+    default_data_config,
+    make_global_batch,
+    make_pipeline,
+    record_stream,
+)
+from polyglot_jax.data.sample import (
+    builtin_corpus_texts,
+    konlpy_corpus_files,
+    nsmc_path,
+    prepare_builtin_sample,
+)
+from polyglot_jax.data.shards import (
+    FORMAT,
+    decode_record,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from polyglot_jax.data.sources import iter_texts, list_input_files
+from polyglot_jax.data.tokenizer import load_tokenizer
+from polyglot_jax.errors import ConfigError
+
+EOS = 1
+SPAN = 1000  # token = 2 + doc * SPAN + position: every token says which document and where
+
+
+def write_corpus(directory, lengths, *, first_doc=0, block_tokens=64, docs_per_shard=40):
+    """A tokenized directory of synthetic documents (ids + EOS); returns the documents."""
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [
+        np.array([2 + (first_doc + d) * SPAN + i for i in range(n)] + [EOS], np.uint32)
+        for d, n in enumerate(lengths)
+    ]
+    shards = []
+    for k, lo in enumerate(range(0, len(docs), docs_per_shard)):
+        part = docs[lo : lo + docs_per_shard]
+        tokens = np.concatenate(part)
+        records = write_shard(
+            directory / shard_name(k), tokens, np.array([d.size for d in part]), block_tokens
+        )
+        shards.append(
+            {
+                "file": shard_name(k),
+                "documents": len(part),
+                "tokens": tokens.size,
+                "records": records,
+            }
+        )
+    write_manifest(
+        directory,
+        {
+            "format": FORMAT,
+            "tokenizer_sha256": "synthetic",
+            "eos_id": EOS,
+            "vocab_size": 1 << 30,
+            "token_dtype": "uint32",
+            "block_tokens": block_tokens,
+            "documents": len(docs),
+            "tokens": int(sum(s["tokens"] for s in shards)),
+            "records": sum(s["records"] for s in shards),
+            "shards": shards,
+        },
+    )
+    return docs
+
+
+def config(*dirs, **overrides):
+    c = default_data_config()
+    c.shards = tuple(str(d) for d in dirs)
+    c.prefetch = 0
+    c.update(overrides)
+    return c
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def doc_of(tokens):
+    return (np.asarray(tokens) - 2) // SPAN
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Short documents (each fits one 64-token record)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("small")
+    docs = write_corpus(root, rng.integers(1, 30, size=400).tolist())
+    return root, docs
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Documents of all sizes, some longer than a 33-token row and than a 64-token record."""
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("mixed")
+    lengths = np.concatenate([rng.integers(1, 20, 300), rng.integers(20, 150, 60)])
+    docs = write_corpus(root, rng.permutation(lengths).tolist())
+    return root, docs
+
+
+def test_record_stream_shuffles_every_epoch_and_shares_disjointly(small):
+    root, _ = small
+    manifest = read_manifest(root)
+    total = manifest["records"]
+    seen = []
+    for p in range(2):
+        share = len(range(p, total, 2))
+        corpus = Corpus(str(root), manifest, share)
+        ds = record_stream([corpus], [1.0], seed=3, shuffle=True, process_index=p, process_count=2)
+        epoch0 = [ds[i] for i in range(share)]
+        epoch1 = [ds[i] for i in range(share, 2 * share)]
+        assert [e[1] for e in epoch0] == list(range(share))  # index within the share: the epoch
+        assert sorted(e[2] for e in epoch0) == sorted(e[2] for e in epoch1)
+        assert [e[2] for e in epoch0] != [e[2] for e in epoch1]  # reshuffled
+        seen.append({e[2] for e in epoch0})
+    assert not seen[0] & seen[1]
+    unshuffled = record_stream(
+        [Corpus(str(root), manifest, total)],
+        [1.0],
+        seed=3,
+        shuffle=False,
+        process_index=0,
+        process_count=1,
+    )
+    assert seen[0] | seen[1] == {unshuffled[i][2] for i in range(total)}
+
+
+def test_concat_rows_are_the_token_stream(small):
+    root, docs = small
+    stream = np.concatenate(docs)
+    it = make_pipeline(
+        config(root, shuffle=False, shuffle_buffer=16, mode="concat"),
+        seq_len=32,
+        global_batch_size=8,
+        process_index=0,
+        process_count=1,
+    )
+    batches = take(it, 60)  # > 1 epoch: wraps around
+    assert set(batches[0]) == {"tokens", "epoch", "epochs"}
+    rows = np.concatenate([b["tokens"] for b in batches])
+    assert rows.shape == (480, 33) and rows.dtype == np.int32
+    n = rows.size
+    assert np.array_equal(rows.ravel(), np.tile(stream, -(-n // stream.size))[:n])
+
+
+def test_concat_shuffled_rows_are_chunks_of_the_record_stream(small):
+    root, _ = small
+    manifest = read_manifest(root)
+    rows_per_window, row_len = 16, 33
+    it = make_pipeline(
+        config(root, shuffle=True, shuffle_buffer=rows_per_window, seed=5),
+        seq_len=row_len - 1,
+        global_batch_size=8,
+        process_index=0,
+        process_count=1,
+    )
+    emitted = np.concatenate([b["tokens"] for b in take(it, 6)])  # 3 windows
+    records = record_stream(
+        [Corpus(str(root), manifest, manifest["records"])],
+        [1.0],
+        seed=5,
+        shuffle=True,
+        process_index=0,
+        process_count=1,
+    )
+    stream = np.concatenate([decode_record(records[i][2])[0] for i in range(60)])
+    chunks = stream[: 3 * rows_per_window * row_len].reshape(3, rows_per_window, row_len)
+    for w in range(3):
+        got = emitted[w * rows_per_window : (w + 1) * rows_per_window]
+        assert sorted(map(tuple, got)) == sorted(map(tuple, chunks[w]))
+    assert not np.array_equal(emitted[:rows_per_window], chunks[0])  # order shuffled
+
+
+def first_fit_reference(docs, rows, row_len, block_tokens=64):
+    """Brute force: pieces of the document stream (documents cut where records cut them, every
+    `block_tokens`, then into rows) go into the first row with room; stops at the first piece that
+    fits nowhere. Returns the rows as lists of pieces (token arrays)."""
+    free = [row_len] * rows
+    placed = [[] for _ in range(rows)]
+    for doc in docs:
+        for b in range(0, doc.size, block_tokens):
+            part = doc[b : b + block_tokens]
+            for a in range(0, part.size, row_len):
+                piece = part[a : a + row_len]
+                r = next((i for i in range(rows) if free[i] >= piece.size), None)
+                if r is None:
+                    return placed
+                placed[r].append(piece)
+                free[r] -= piece.size
+    raise AssertionError("corpus too small for the window")
+
+
+def check_packed_row(tokens, segment_ids, positions, row_len):
+    """Structure of one packed row; returns its pieces (token arrays) in order."""
+    n = int((segment_ids != 0).sum())
+    assert (segment_ids[:n] != 0).all() and (segment_ids[n:] == 0).all()  # padding only at the end
+    assert (tokens[n:] == 0).all() and (positions[n:] == 0).all()
+    pieces = []
+    start = 0
+    for k in range(1, n + 1):
+        if k == n or segment_ids[k] != segment_ids[start]:
+            seg = tokens[start:k]
+            assert segment_ids[start] == len(pieces) + 1
+            assert (positions[start:k] == np.arange(k - start)).all()
+            body = seg[seg != EOS]
+            assert (seg[:-1] != EOS).all()  # eos only closes a document
+            assert len(set(doc_of(body))) <= 1 and (np.diff(body) == 1).all()
+            pieces.append(seg)
+            start = k
+    return pieces
+
+
+def test_packed_rows_match_a_brute_force_first_fit(mixed):
+    root, docs = mixed
+    rows, row_len = 24, 33
+    it = make_pipeline(
+        config(root, mode="packed", shuffle=False, shuffle_buffer=rows),
+        seq_len=row_len - 1,
+        global_batch_size=8,
+        process_index=0,
+        process_count=1,
+    )
+    window = take(it, rows // 8)
+    tokens = np.concatenate([b["tokens"] for b in window])
+    segs = np.concatenate([b["segment_ids"] for b in window])
+    pos = np.concatenate([b["positions"] for b in window])
+    expected = first_fit_reference(docs, rows, row_len)
+    for r in range(rows):
+        pieces = check_packed_row(tokens[r], segs[r], pos[r], row_len)
+        assert [p.tolist() for p in pieces] == [p.tolist() for p in expected[r]]
+    fill = (segs != 0).mean()
+    assert fill > 0.9, fill
+
+
+def test_packed_windows_cover_the_record_stream_exactly_once(mixed):
+    root, _ = mixed
+    manifest = read_manifest(root)
+    rows, row_len = 16, 33
+    it = make_pipeline(
+        config(root, mode="packed", shuffle=True, shuffle_buffer=rows, seed=1),
+        seq_len=row_len - 1,
+        global_batch_size=8,
+        process_index=0,
+        process_count=1,
+    )
+    emitted = []
+    for b in take(it, 8 * rows // 8):  # 8 whole windows
+        for r in range(b["tokens"].shape[0]):
+            pieces = check_packed_row(
+                b["tokens"][r], b["segment_ids"][r], b["positions"][r], row_len
+            )
+            emitted.extend(np.concatenate(pieces).tolist())
+    state = it.get_state()  # where the 9th window starts in the record stream
+    assert state["row"] == 0
+    records = record_stream(
+        [Corpus(str(root), manifest, manifest["records"])],
+        [1.0],
+        seed=1,
+        shuffle=True,
+        process_index=0,
+        process_count=1,
+    )
+    prefix = [decode_record(records[i][2])[0] for i in range(state["record"] + 1)]
+    prefix[-1] = prefix[-1][: state["offset"]]
+    expected = np.concatenate(prefix).tolist()
+    assert sorted(emitted) == sorted(expected)  # every token read exactly once (eos repeats)
+
+
+@pytest.mark.parametrize("mode", ["concat", "packed"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_restored_state_reproduces_the_next_batches(mixed, mode, prefetch):
+    root, _ = mixed
+    cfg = config(root, mode=mode, shuffle_buffer=24, prefetch=prefetch, seed=7)
+    kwargs = dict(seq_len=32, global_batch_size=8, process_index=0, process_count=1)
+    for skip in (3, 5):  # mid-window and at a window boundary (3 batches per window)
+        first = make_pipeline(cfg, **kwargs)
+        take(first, skip)
+        state = first.get_state()
+        json.dumps(state)  # plain JSON
+        expected = take(first, 7)
+        second = make_pipeline(cfg, **kwargs)
+        second.set_state(state)
+        for want, got in zip(expected, take(second, 7), strict=True):
+            assert want.keys() == got.keys()
+            for k in want:
+                np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path, mixed):
+    root, _ = mixed
+    cfg = config(root, mode="packed", shuffle_buffer=16, prefetch=2)
+    kwargs = dict(seq_len=32, global_batch_size=8, process_index=0, process_count=1)
+    it = make_pipeline(cfg, **kwargs)
+    take(it, 5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = take(it, 4)
+    restored = make_pipeline(cfg, **kwargs)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(
+            5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
+        )
+    for want, got in zip(expected, take(restored, 4), strict=True):
+        np.testing.assert_array_equal(want["tokens"], got["tokens"])
+        np.testing.assert_array_equal(want["segment_ids"], got["segment_ids"])
+
+
+def test_state_of_other_settings_is_refused(small):
+    root, _ = small
+    it = make_pipeline(
+        config(root), seq_len=32, global_batch_size=8, process_index=0, process_count=2
+    )
+    state = it.get_state()
+    other = make_pipeline(
+        config(root), seq_len=16, global_batch_size=8, process_index=0, process_count=2
+    )
+    with pytest.raises(ConfigError, match="other data or config"):
+        other.set_state(state)
+    elsewhere = make_pipeline(
+        config(root), seq_len=32, global_batch_size=8, process_index=1, process_count=2
+    )
+    with pytest.raises(ConfigError, match="process 0 of 2"):
+        elsewhere.set_state(state)
+
+
+def test_epoch_tracks_the_tokens_read(small):
+    root, _ = small
+    manifest = read_manifest(root)
+    rows, row_len, batch = 16, 33, 8
+    it = make_pipeline(
+        config(root, shuffle=False, shuffle_buffer=rows),
+        seq_len=row_len - 1,
+        global_batch_size=batch,
+        process_index=0,
+        process_count=1,
+    )
+    epochs = [float(b["epoch"]) for b in take(it, 100)]
+    assert all(b >= a for a, b in zip(epochs, epochs[1:], strict=False))
+    window_tokens = rows * row_len
+    mean_record = manifest["tokens"] / manifest["records"]
+    for step, epoch in enumerate(epochs, 1):
+        read = step * batch * row_len / manifest["tokens"]
+        # exact at window ends; in between, interpolated within one window (+ a started record)
+        assert abs(epoch - read) <= (window_tokens + mean_record) / manifest["tokens"]
+    assert epochs[-1] > 1.5
+
+
+def test_weighted_mixture(tmp_path):
+    rng = np.random.default_rng(2)
+    a = write_corpus(tmp_path / "a", rng.integers(1, 40, 600).tolist(), block_tokens=64)
+    b = write_corpus(
+        tmp_path / "b", rng.integers(1, 40, 600).tolist(), first_doc=10_000, block_tokens=200
+    )
+    assert a and b
+    it = make_pipeline(
+        config(tmp_path / "a", tmp_path / "b", weights=(3.0, 1.0)),
+        seq_len=63,
+        global_batch_size=16,
+        process_index=0,
+        process_count=1,
+    )
+    batches = take(it, 40)
+    tokens = np.concatenate([x["tokens"].ravel() for x in batches])
+    body = tokens[tokens != EOS]
+    share_a = (doc_of(body) < 10_000).mean()
+    assert abs(share_a - 0.75) < 0.03, share_a
+    epochs = batches[-1]["epochs"]
+    assert epochs.shape == (2,) and batches[-1]["epoch"] == epochs.max()
+    with pytest.raises(ConfigError, match="weights has 1 entries for 2"):
+        make_pipeline(config(tmp_path / "a", tmp_path / "b", weights=(1.0,)), seq_len=8,
+                      global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
+
+
+def test_processes_read_disjoint_shares(small):
+    root, docs = small
+    seen = []
+    for p in range(2):
+        it = make_pipeline(
+            config(root, shuffle=True, shuffle_buffer=8), seq_len=32, global_batch_size=16,
+            process_index=p, process_count=2,
+        )  # fmt: skip
+        batches = []
+        while not batches or batches[-1]["epoch"] < 1.0:  # every record of the share started
+            batches.append(next(it))
+        batches += take(it, 2)  # and the last one finished
+        tokens = np.concatenate([b["tokens"].ravel() for b in batches])
+        seen.append(set(doc_of(tokens[tokens != EOS]).tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(len(docs)))
+
+
+def test_bad_configs(small):
+    root, _ = small
+    with pytest.raises(ConfigError, match="mode"):
+        make_pipeline(config(root, mode="nope"), seq_len=8, global_batch_size=8)
+    with pytest.raises(ConfigError, match="multiple of the 3"):
+        make_pipeline(
+            config(root), seq_len=8, global_batch_size=8, process_index=0, process_count=3
+        )
+    with pytest.raises(ConfigError, match="empty"):
+        make_pipeline(config(), seq_len=8, global_batch_size=8)
+
+
+def test_global_batch_on_a_mesh(small):
+    root, _ = small
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    it = make_pipeline(config(root, mode="packed"), seq_len=16, global_batch_size=16)
+    local = next(it)
+    arrays = make_global_batch(local, sharding)
+    assert set(arrays) == {"tokens", "segment_ids", "positions"}
+    for k, v in arrays.items():
+        assert v.shape == (16, 17) and v.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(v), local[k])
+        assert len({s.data.shape for s in v.addressable_shards}) == 1  # 2 rows per device
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, numpy as np, jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from polyglot_jax.data.pipeline import default_data_config, make_global_batch, make_pipeline
+    port, pid, root, out = sys.argv[1:]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+    c = default_data_config(); c.shards = (root,); c.mode = "packed"; c.prefetch = 0
+    it = make_pipeline(c, seq_len=16, global_batch_size=16)
+    local = next(it)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    arrays = make_global_batch(local, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    gathered = multihost_utils.process_allgather(arrays["tokens"], tiled=True)
+    np.savez(out, local=local["tokens"], gathered=gathered, n=jax.process_count())
+    """
+)
+
+
+def test_two_processes_build_one_global_batch(small, tmp_path):
+    root, _ = small
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(port),
+                str(i),
+                str(root),
+                str(tmp_path / f"{i}.npz"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out
+    results = [np.load(tmp_path / f"{i}.npz") for i in range(2)]
+    assert int(results[0]["n"]) == 2
+    both = np.concatenate([r["local"] for r in results])
+    for r in results:
+        np.testing.assert_array_equal(r["gathered"], both)
+    # Each process read its own share, the same rows a single process computes for that index.
+    for i, r in enumerate(results):
+        alone = make_pipeline(
+            config(root, mode="packed"), seq_len=16, global_batch_size=16, process_index=i,
+            process_count=2,
+        )  # fmt: skip
+        np.testing.assert_array_equal(next(alone)["tokens"], r["local"])
+    assert not set(doc_of(both[:8][both[:8] > 1])) & set(doc_of(both[8:][both[8:] > 1]))
+
+
+def test_builtin_corpus_texts():
+    texts = list(builtin_corpus_texts(nsmc_limit=0))
+    assert len(texts) == len(konlpy_corpus_files()) == 11
+    assert any(t.startswith("대한민국헌법") for t in texts)
+    assert all(t == t.strip() and t for t in texts)
+    if nsmc_path() is not None:
+        with_reviews = list(builtin_corpus_texts(nsmc_limit=25))
+        assert with_reviews[:11] == texts and len(with_reviews) == 36
+
+
+def test_prepare_builtin_sample_once(tmp_path):
+    tokens = prepare_builtin_sample(tmp_path, nsmc_limit=200, vocab_size=600)
+    manifest = read_manifest(tokens)
+    assert manifest["documents"] == 11 + (200 if nsmc_path() is not None else 0)
+    assert load_tokenizer(tokens.parent / "tokenizer").sha256 == manifest["tokenizer_sha256"]
+    stamps = {p: p.stat().st_mtime_ns for p in tokens.parent.rglob("*")}
+    assert prepare_builtin_sample(tmp_path, nsmc_limit=200, vocab_size=600) == tokens
+    assert {p: p.stat().st_mtime_ns for p in tokens.parent.rglob("*")} == stamps
+
+
+def test_builtin_default_feeds_the_pipeline():
+    """The default data config (what configs/tiny.py uses): prepared in the shared cache once."""
+    it = make_pipeline(default_data_config(), seq_len=64, global_batch_size=8, process_index=0,
+                       process_count=1)  # fmt: skip
+    batch = next(it)
+    tok = load_tokenizer(prepare_builtin_sample().parent / "tokenizer")
+    assert batch["tokens"].shape == (8, 65) and batch["tokens"].max() < tok.vocab_size
+    assert tok.vocab_size == 4096
+
+
+def _cli(*args):
+    run = subprocess.run(
+        [sys.executable, "-m", "polyglot_jax", *args], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_nsmc_clean_train_tokenizer_tokenize_pipeline(shared_data, tmp_path):
+    with gzip.open(shared_data / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        (tmp_path / "nsmc.jsonl").write_text("".join(itertools.islice(f, 3000)), encoding="utf-8")
+    _cli("clean", f"--input={tmp_path / 'nsmc.jsonl'}", f"--output={tmp_path / 'clean'}")
+    _cli("train-tokenizer", f"--input={tmp_path / 'clean'}", "--vocab_size=1000",
+         f"--output={tmp_path / 'tok'}", "--num_workers=1")  # fmt: skip
+    _cli("tokenize", f"--tokenizer={tmp_path / 'tok'}", f"--input={tmp_path / 'clean'}",
+         f"--output={tmp_path / 'tokens'}", "--num_workers=1")  # fmt: skip
+    cleaned = {t for f in list_input_files([tmp_path / "clean"]) for t in iter_texts(f)}
+    manifest = read_manifest(tmp_path / "tokens")
+    assert manifest["documents"] == len(cleaned) > 2000
+    tok = load_tokenizer(tmp_path / "tok")
+    # Rows longer than any review: every packed segment is one whole cleaned document + eos.
+    it = make_pipeline(config(tmp_path / "tokens", mode="packed"), seq_len=511,
+                       global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
+    segments = 0
+    for batch in take(it, 3):
+        for tokens, segs in zip(batch["tokens"], batch["segment_ids"], strict=True):
+            for s in range(1, segs.max() + 1):
+                seg = tokens[segs == s]
+                assert seg[-1] == tok.eos_id and tok.eos_id not in seg[:-1]
+                assert tok.decode(seg[:-1]) in cleaned
+                segments += 1
+    assert segments > 100

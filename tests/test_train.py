@@ -1,0 +1,143 @@
+"""The trainer on 8 fake CPU devices: layouts agree, accumulation equals the big batch, state survives.
+
+References are independent runs of the same function: one mesh against another, one big batch
+against microbatches, an uninterrupted run against a killed-and-resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from train_fixtures import tiny_config, tiny_shards
+
+from polyglot_jax.checkpoint import restore_params
+from polyglot_jax.config import validate
+from polyglot_jax.errors import ConfigError
+from polyglot_jax.train import NonFiniteLoss, build_step, check_train_config, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+    return tiny_shards(tmp_path_factory.mktemp("cache"))
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _mesh(**axes):
+    mesh = {"mesh__data": 1, "mesh__fsdp": 1, "mesh__model": 1}
+    mesh.update({f"mesh__{k}": v for k, v in axes.items()})
+    return mesh
+
+
+LAYOUTS = {
+    "data8": _mesh(data=8),
+    "fsdp8": _mesh(fsdp=8),
+    "data2_model4": _mesh(data=2, model=4),
+    "data2_fsdp2_model2": _mesh(data=2, fsdp=2, model=2),
+}
+
+
+def test_layouts_give_equal_losses(shards, tmp_path):
+    losses = {}
+    for name, mesh in LAYOUTS.items():
+        train(tiny_config(shards, train__steps=4, **mesh), tmp_path / name)
+        losses[name] = _losses(tmp_path / name)
+    reference = losses["data8"]
+    assert sorted(reference) == [1, 2, 3, 4]
+    assert reference[4] < reference[1]  # it learns
+    for name, got in losses.items():
+        np.testing.assert_allclose(
+            [got[s] for s in reference], list(reference.values()), rtol=2e-5, err_msg=name
+        )
+
+
+def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
+    big = _losses_after(shards, tmp_path / "big", train__grad_accum=1)
+    micro = _losses_after(shards, tmp_path / "micro", train__grad_accum=4)
+    np.testing.assert_allclose(list(micro.values()), list(big.values()), rtol=2e-5)
+
+
+def _losses_after(shards, workdir, **overrides):
+    train(
+        tiny_config(shards, train__steps=4, **_mesh(data=2, fsdp=2, model=2), **overrides), workdir
+    )
+    return _losses(workdir)
+
+
+def test_restore_onto_another_mesh(shards, tmp_path):
+    """Checkpoint on data:8, resume on data:2 x model:4: the run goes on as if uninterrupted."""
+    straight = tmp_path / "straight"
+    train(tiny_config(shards, **LAYOUTS["data8"]), straight)
+    moved = tmp_path / "moved"
+    train(tiny_config(shards, train__steps=3, **LAYOUTS["data8"]), moved)
+    train(tiny_config(shards, **LAYOUTS["data2_model4"]), moved)
+    a, b = _losses(straight), _losses(moved)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=2e-5)
+
+
+def test_corrupted_latest_checkpoint_falls_back(shards, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    train(tiny_config(shards), workdir)  # checkpoints at 3 and 6
+    before = _losses(workdir)
+    for f in (workdir / "checkpoints" / "6" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+    # Emptied, so the steps after the fallback must be logged anew.
+    (workdir / "metrics.jsonl").write_text("")
+    train(tiny_config(shards), workdir)
+    assert "cannot be restored" in caplog.text and "falling back" in caplog.text
+    kept = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ["3", "6"]
+    assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1
+    after = _losses(workdir)
+    assert sorted(after) == [4, 5, 6]  # resumed from step 3
+    assert [after[s] for s in (4, 5, 6)] == [before[s] for s in (4, 5, 6)]  # bit for bit
+
+
+def test_nan_halt_never_checkpoints(shards, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="at step 1"):
+        train(tiny_config(shards, train__z_loss=float("nan")), tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_nan_skip_keeps_parameters(shards, tmp_path):
+    config = tiny_config(shards, train__z_loss=float("nan"), train__nan_policy="skip")
+    train(config, tmp_path)
+    model_cfg, mesh_shape = validate(config, jax.device_count())
+    from polyglot_jax.partitioning import make_mesh, rules_from_config
+
+    mesh, rules = make_mesh(mesh_shape), rules_from_config(config.mesh.rules)
+    with jax.set_mesh(mesh):
+        fns = build_step(config, model_cfg, mesh, rules)
+        initial = fns.init_params(config.train.seed)
+        saved, _ = restore_params(tmp_path, fns.abstract_params)
+    jax.tree.map(np.testing.assert_array_equal, saved, initial)
+    assert not (tmp_path / "metrics.jsonl").exists() or _losses(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"train__batch_size": 12},
+            r"12 sequences per microbatch is not divisible by the data x fsdp",
+        ),
+        ({"train__grad_accum": 3}, r"batch_size=16 is not divisible by grad_accum=3"),
+        ({"train__seq_len": 4096}, r"seq_len=4096 exceeds config\.model\.max_len=128"),
+        ({"train__nan_policy": "ignore"}, r"nan_policy='ignore'"),
+        ({"train__steps": 0}, r"config\.train\.steps=0 must be a positive int"),
+    ],
+)
+def test_bad_train_configs(shards, overrides, message):
+    config = tiny_config(shards, **overrides)
+    model_cfg, mesh_shape = validate(config, 8)
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(config, model_cfg, mesh_shape)
