@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # parameter init; the data order has its own seed (config.data.seed)
     c.train.lr = 2e-4  # peak learning rate (GPT-NeoX-style value; the report gives none)
     c.train.warmup_steps = 100  # linear warmup from 0
-    c.train.decay = "cosine"  # cosine | linear, from lr at warmup_steps to lr * min_lr_ratio at steps
+    c.train.decay = "cosine"  # cosine | linear: from lr after warmup to lr * min_lr_ratio at steps
     c.train.min_lr_ratio = 0.1  # the floor, as a fraction of lr
     c.train.b1 = 0.9  # AdamW
     c.train.b2 = 0.95
@@ -66,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # the newest K checkpoints are kept...
     c.train.keep_every = 0  # ...plus every M-th step for good (0: none)
     c.train.async_checkpoints = True  # write checkpoints in the background
-    c.train.init_from = ""  # workdir or checkpoint whose params seed a new run (continued pretraining)
-    c.train.peak_flops_per_device = 0.0  # for MFU; 0 looks the device kind up in polyglot_jax/flops.py
+    c.train.init_from = ""  # workdir/checkpoint whose params seed a new run (continued pretraining)
+    c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up in flops.py
     c.train.profile_steps = (0, 0)  # (first step, count): jax.profiler trace into workdir/profile
     c.train.spike_threshold = 0.5  # warn when the loss rises 50% above its running average...
     c.train.drop_threshold = 0.2  # ...or falls 20% below it

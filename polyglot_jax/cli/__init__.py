@@ -46,7 +46,9 @@ def _fail(sub: str, message: str) -> None:
 def _quiet_libraries(record) -> bool:
     """Keeps orbax's and grain's per-save INFO chatter out of the console; their warnings stay."""
     noisy = ("/orbax/", "/grain/", "/absl/")
-    return record.levelno >= logging.converter.STANDARD_WARNING or not any(n in record.pathname for n in noisy)
+    return record.levelno >= logging.converter.STANDARD_WARNING or not any(
+        n in record.pathname for n in noisy
+    )
 
 
 def _unquote(s: str) -> str:

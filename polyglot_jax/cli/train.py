@@ -10,11 +10,20 @@ from ml_collections import config_flags
 from polyglot_jax import distributed
 from polyglot_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:variant].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, config.json.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-process).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/tiny.py[:variant]."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, config.json."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Total number of processes (multi-process)."
+)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+
 
 def main(argv):
     if _CONFIG.value is None:
