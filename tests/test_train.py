@@ -50,6 +50,11 @@ def test_layouts_give_equal_losses(shards, tmp_path):
         train(tiny_config(shards, train__steps=4, **mesh), tmp_path / name)
         losses[name] = _losses(tmp_path / name)
     reference = losses["data8"]
+    record = json.loads((tmp_path / "data8" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "epoch"} <= set(record)
+    assert 0 < record["epoch"] < 1 and record["tokens_per_s"] > 0
+    assert list((tmp_path / "data8" / "tb").iterdir())
+    assert json.loads((tmp_path / "data8" / "config.json").read_text())["mesh"]["data"] == 8
     assert sorted(reference) == [1, 2, 3, 4]
     assert reference[4] < reference[1]  # it learns
     for name, got in losses.items():
