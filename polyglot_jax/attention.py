@@ -6,13 +6,15 @@ implementations rotate first with the jnp reference in `rotary.py`.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.rotary import apply_rope
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 
 
 def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
@@ -39,6 +41,43 @@ def xla_attention(q, k, v, segment_ids=None):
     )
 
 
+def pallas_attention(q, k, v, positions, segment_ids, rotary_dim: int, rope_base: float):
+    """The fused Pallas kernel (RoPE inside), run per shard of batch and heads.
+
+    A Pallas call cannot be partitioned automatically, so under a mesh it runs in `shard_map`
+    with the specs the logical rules give q/k/v; the sequence axis must stay whole on each device.
+    """
+    from polyglot_jax.kernels import flash_attention
+
+    def kernel(q, k, v, positions, segment_ids):
+        return flash_attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            positions=positions,
+            rotary_dim=rotary_dim,
+            rope_base=rope_base,
+        )
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, positions, segment_ids)
+    qkv_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    if qkv_spec[1] is not None:
+        raise ConfigError("attention_impl='pallas' needs the sequence (length) axis unsharded")
+    row_spec = PartitionSpec(qkv_spec[0], None)
+    seg_spec = None if segment_ids is None else row_spec
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, row_spec, seg_spec),
+        out_specs=qkv_spec,
+        # The Pallas CPU interpreter cannot state how its outputs vary over the mesh.
+        check_vma=jax.default_backend() != "cpu",
+    )(q, k, v, positions, segment_ids)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -62,6 +101,8 @@ def attend(
     """
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    if impl == "pallas":
+        return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base)
     q = apply_rope(q, positions, rotary_dim, rope_base)
     k = apply_rope(k, positions, rotary_dim, rope_base)
     if impl == "cudnn":

@@ -301,12 +301,19 @@ class GPTNeoX(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
+    """Fresh parameters, boxed with their logical axis names.
+
+    Initialised through the xla attention path: parameters do not depend on the attention
+    implementation, and a [1, 1] dummy batch cannot be split over a mesh as the kernel path would.
+    """
+    model = GPTNeoX(dataclasses.replace(cfg, attention_impl="xla"))
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def abstract_params(cfg: ModelConfig) -> Any:
     """Parameter shapes/dtypes (boxed with logical axis names) via `jax.eval_shape`: no allocation."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(
-        lambda: GPTNeoX(cfg).init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype))
-    )["params"]
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
 def count_params(cfg: ModelConfig) -> int:

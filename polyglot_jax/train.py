@@ -32,7 +32,7 @@ from polyglot_jax.data.pipeline import make_global_batch, make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.loss import chunked_cross_entropy
 from polyglot_jax.metrics import LossWatch, MetricsWriter
-from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
+from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params, init_params
 from polyglot_jax.optimizer import learning_rate_schedule, make_optimizer
 from polyglot_jax.partitioning import (
     axis_size,
@@ -140,9 +140,8 @@ def build_step(
     data_sharding = batch_sharding(mesh, rules)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, *data_sharding.spec))
 
-    def init_params(seed):
-        dummy = jnp.zeros((1, 1), jnp.int32)
-        return nn.meta.unbox(model.init(jax.random.key(seed), dummy)["params"])
+    def init_fn(seed):
+        return nn.meta.unbox(init_params(model_cfg, jax.random.key(seed)))
 
     def loss_terms(params, micro):
         tokens = micro["tokens"]
@@ -194,7 +193,7 @@ def build_step(
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
     return StepFunctions(
-        init_params=jax.jit(init_params, static_argnums=0, out_shardings=param_shardings),
+        init_params=jax.jit(init_fn, static_argnums=0, out_shardings=param_shardings),
         init_opt=jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings),
         train_step=jax.jit(
             train_step,

@@ -100,3 +100,13 @@ def test_remat_and_bf16_compute_keep_the_function(policy):
     full = GPTNeoX(cfg).apply({"params": params}, tokens)
     assert bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(bf16, np.float32), full, atol=0.1)
+
+
+def test_cudnn_refuses_packed_segments():
+    from polyglot_jax.attention import attend
+    from polyglot_jax.errors import ConfigError
+
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ConfigError, match="cudnn.*cannot mask packed segments"):
+        attend(q, q, q, positions=jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 4), jnp.int32),
+               rotary_dim=4, rope_base=10000.0, impl="cudnn")  # fmt: skip

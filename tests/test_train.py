@@ -63,6 +63,15 @@ def test_layouts_give_equal_losses(shards, tmp_path):
         )
 
 
+def test_pallas_attention_trains_like_xla(shards, tmp_path):
+    """The fused kernel (interpret mode here) inside shard_map over data x model gives xla's losses."""
+    xla = _losses_after(shards, tmp_path / "xla", train__steps=3)
+    pallas = _losses_after(
+        shards, tmp_path / "pallas", train__steps=3, model__attention_impl="pallas"
+    )
+    np.testing.assert_allclose(list(pallas.values()), list(xla.values()), rtol=1e-5)
+
+
 def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
     big = _losses_after(shards, tmp_path / "big", train__grad_accum=1)
     micro = _losses_after(shards, tmp_path / "micro", train__grad_accum=4)
@@ -70,9 +79,8 @@ def test_gradient_accumulation_equals_large_batch(shards, tmp_path):
 
 
 def _losses_after(shards, workdir, **overrides):
-    train(
-        tiny_config(shards, train__steps=4, **_mesh(data=2, fsdp=2, model=2), **overrides), workdir
-    )
+    overrides = {"train__steps": 4, **_mesh(data=2, fsdp=2, model=2), **overrides}
+    train(tiny_config(shards, **overrides), workdir)
     return _losses(workdir)
 
 

@@ -1,0 +1,9 @@
+"""Pallas kernels: fused causal flash attention with partial NeoX RoPE, and a standalone RoPE kernel.
+
+Imports only jax, numpy and the standard library (the GPU benchmark machine has nothing else).
+"""
+
+from polyglot_jax.kernels.flash_attention import Tiling, flash_attention, flash_attention_with_lse
+from polyglot_jax.kernels.rope import rope
+
+__all__ = ["Tiling", "flash_attention", "flash_attention_with_lse", "rope"]

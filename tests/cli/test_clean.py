@@ -1,0 +1,63 @@
+"""`polyglot-jax clean` as a user runs it: flags reach the config, errors are one line, exit 2."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "polyglot_jax", "clean", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_clean_cli(tmp_path):
+    docs = ["전화 010-1234-5678 로 연락 주세요", "짧은글", "같은 문서 입니다", "같은  문서 입니다"]
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"body": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
+    (tmp_path / "b.txt").write_text(
+        "둘째 파일의 문서\n둘째 줄\n\n같은 문서 입니다\n", encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    run = _run(
+        f"--input={tmp_path / 'a.jsonl'},{tmp_path / 'b.txt'}",
+        f"--output={out}",
+        "--field=body",
+        "--nominhash",
+        "--min_chars=5",
+        "--noprogress",
+    )
+    assert run.returncode == 0, run.stderr
+    assert "docs/s" in run.stdout and "MB/s" in run.stdout
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["config"]["minhash"] is False and report["config"]["min_chars"] == 5
+    assert report["rules"]["short"]["dropped"] == 1
+    assert report["rules"]["exact_dedup"]["dropped"] == 2
+    texts = [
+        json.loads(line)["text"] for line in (out / "part-00000.jsonl").read_text().splitlines()
+    ]
+    assert texts == ["전화 <|tel|> 로 연락 주세요", "같은 문서 입니다", "둘째 파일의 문서\n둘째 줄"]
+
+    again = _run(f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", "--field=body")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"polyglot-jax clean: error: --output {out}: directory is not empty (pass --overwrite)"
+    ]
+    assert _run(f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", "--overwrite").returncode == 0
+
+
+def test_clean_cli_usage_errors(tmp_path):
+    for args, message in [
+        ([f"--output={tmp_path / 'o'}"], "--input is required"),
+        ([f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'o'}"], "no such file"),
+        ([f"--input={tmp_path}", f"--output={tmp_path / 'o'}", "--min_chars=-3"], "min_chars"),
+        (["--input=x.jsonl", "--output=o", "--minhash_threshold=abc"], "minhash_threshold"),
+    ]:
+        run = _run(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1

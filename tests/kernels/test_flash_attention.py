@@ -1,0 +1,396 @@
+"""Flash attention kernels (interpret mode on CPU) against a float64 numpy reference.
+
+The reference is written out here in numpy float64: NeoX RoPE (float32 angles, as the model computes
+them), masked softmax attention, and its gradients by the closed-form softmax backward (checked itself
+against central finite differences). Every kernel call runs with poisoned outputs (each output buffer
+starts as NaN), so a tile a kernel fails to write fails the comparison.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.kernels import Tiling, flash_attention, flash_attention_with_lse
+
+# ------------------------------------------------------------------------------- float64 reference
+
+
+def rope_angles(positions, rotary_dim, base=10000.0):
+    """float32 angles exactly as the model computes them, returned as float64 [..., rot/2]."""
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+    return (positions.astype(np.float32)[..., None] * inv_freq).astype(np.float64)
+
+
+def rotate(x, angles, rotary_dim, inverse=False):
+    """NeoX rotate-half on the first rotary_dim dims of x [B, T, H, D]; angles [B|1, T, rot/2]."""
+    if not rotary_dim:
+        return x
+    half = rotary_dim // 2
+    c, s = np.cos(angles)[:, :, None, :], np.sin(angles)[:, :, None, :]
+    if inverse:
+        s = -s
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, x[..., rotary_dim:]], axis=-1)
+
+
+class Reference:
+    """Attention in float64 with its closed-form backward; fully masked rows give 0 and lse -inf."""
+
+    def __init__(self, q, k, v, *, q_ids, kv_ids, positions, rotary_dim, causal, scale):
+        b, t, h, d = q.shape
+        self.angles = rope_angles(positions, rotary_dim) if rotary_dim else None
+        self.rotary_dim, self.scale = rotary_dim, scale
+        self.qr = rotate(q, self.angles, rotary_dim)
+        self.kr = rotate(k, self.angles, rotary_dim)
+        self.v = v
+        mask = np.ones((b, 1, t, t), bool)
+        if causal:
+            mask &= np.tril(np.ones((t, t), bool))
+        if q_ids is not None:
+            mask &= q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+        self.mask = mask
+        s = np.einsum("bqhd,bkhd->bhqk", self.qr, self.kr) * scale
+        s = np.where(mask, s, -np.inf)
+        m = s.max(-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.where(mask, np.exp(s - m), 0.0)
+        denom = e.sum(-1, keepdims=True)
+        self.p = e / np.where(denom > 0, denom, 1.0)
+        with np.errstate(divide="ignore"):
+            self.lse = (np.log(denom) + m)[..., 0]  # [B, H, T]; -inf where no key is visible
+        self.out = np.einsum("bhqk,bkhd->bqhd", self.p, v)
+
+    def grads(self, dout, dlse):
+        """(dq, dk, dv) of sum(out * dout) + sum(lse * dlse) (dlse zero on rows with lse -inf)."""
+        p = self.p
+        dv = np.einsum("bhqk,bqhd->bkhd", p, dout)
+        dp = np.einsum("bqhd,bkhd->bhqk", dout, self.v)
+        delta = (p * dp).sum(-1, keepdims=True)
+        ds = p * (dp - delta + dlse[..., None])
+        dqr = np.einsum("bhqk,bkhd->bqhd", ds, self.kr) * self.scale
+        dkr = np.einsum("bhqk,bqhd->bkhd", ds, self.qr) * self.scale
+        dq = rotate(dqr, self.angles, self.rotary_dim, inverse=True)
+        dk = rotate(dkr, self.angles, self.rotary_dim, inverse=True)
+        return dq, dk, dv
+
+
+def test_reference_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    b, t, h, d, rot = 1, 6, 1, 8, 4
+    q, k, v = (rng.standard_normal((b, t, h, d)) for _ in range(3))
+    ids = np.array([[3, 3, 0, 0, 0, 7]])
+    kv_ids = np.array([[3, 3, 0, 5, 0, 7]])  # query 3 (id 0) sees keys 2, 4 only when non-causal
+    positions = np.array([[0, 1, 0, 1, 2, 0]])
+    dout = rng.standard_normal((b, t, h, d))
+    dlse = rng.standard_normal((b, h, t))
+
+    def loss(q, k, v, causal):
+        ref = Reference(
+            q,
+            k,
+            v,
+            q_ids=ids,
+            kv_ids=kv_ids,
+            positions=positions,
+            rotary_dim=rot,
+            causal=causal,
+            scale=0.7,
+        )
+        finite = np.isfinite(ref.lse)
+        return (ref.out * dout).sum() + (np.where(finite, ref.lse, 0.0) * dlse).sum(), ref
+
+    for causal in (True, False):
+        _, ref = loss(q, k, v, causal)
+        dlse_used = np.where(np.isfinite(ref.lse), dlse, 0.0)
+        analytic = ref.grads(dout, dlse_used)
+        eps = 1e-6
+        for which, arr in enumerate((q, k, v)):
+            numeric = np.zeros_like(arr)
+            for idx in np.ndindex(arr.shape):
+                args = [q.copy(), k.copy(), v.copy()]
+                args[which][idx] += eps
+                up = loss(*args, causal)[0]
+                args[which][idx] -= 2 * eps
+                down = loss(*args, causal)[0]
+                numeric[idx] = (up - down) / (2 * eps)
+            np.testing.assert_allclose(analytic[which], numeric, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def packed_segments(rng, b, t, n_docs):
+    """Sorted segment ids with n_docs documents per row (ids include 0 and arbitrary values), and
+    positions that restart at 0 in each document."""
+    ids = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    for row in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, t), n_docs - 1, replace=False))
+        labels = rng.permutation(np.array([0, 5, -2, 9, 1, 3, 11, 4])[:n_docs])
+        starts = np.concatenate([[0], cuts])
+        for doc, (lo, hi) in enumerate(zip(starts, np.concatenate([cuts, [t]]), strict=True)):
+            ids[row, lo:hi] = labels[doc]
+            positions[row, lo:hi] = np.arange(hi - lo)
+    return ids, positions
+
+
+SMALL = Tiling(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
+TOL = {  # (rtol, atol as a fraction of the largest reference magnitude); measured worst cases
+    # float32: about 1e-7 of the scale (float32 eps 1.2e-7), so 30 eps leaves a 5x margin.
+    jnp.float32: (2e-5, 4e-6),
+    # bfloat16 (eps 2^-8 = 3.9e-3): q/k/v, the rotated q/k, P and dS are each rounded to bf16 before
+    # the dots; the worst gradient error seen is 0.6% of the scale, so 3 eps leaves a 2x margin.
+    jnp.bfloat16: (1e-2, 1.2e-2),
+}
+
+
+def check_close(name, actual, expected, dtype):
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    assert np.isfinite(actual).all(), f"{name}: kernel output has NaN/inf"
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(
+        actual, expected, rtol=rtol, atol=atol * max(1.0, np.abs(expected).max()), err_msg=name
+    )
+
+
+def run_case(
+    *,
+    b,
+    t,
+    h,
+    d,
+    rot,
+    causal,
+    docs,
+    dtype,
+    tiling=SMALL,
+    seed=0,
+    kv_ids=None,
+    ids=None,
+    shared_positions=False,
+):
+    rng = np.random.default_rng(seed)
+    q, k, v, dout = (rng.standard_normal((b, t, h, d)) for _ in range(4))
+    dlse = rng.standard_normal((b, h, t))
+    counting = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    positions, kernel_positions = counting, None  # the kernel's default is 0..T-1
+    if ids is None and docs:
+        ids, positions = packed_segments(rng, b, t, docs)
+        kernel_positions = jnp.asarray(positions)
+    if shared_positions:  # one [1, T] row for the whole batch
+        positions, kernel_positions = counting, jnp.asarray(counting[:1])
+    # The kernel sees the inputs rounded to its dtype; so does the reference (then in float64).
+    q, k, v, dout = (
+        np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64) for x in (q, k, v, dout)
+    )
+    scale = 1.0 / math.sqrt(d)
+    ref = Reference(
+        q,
+        k,
+        v,
+        q_ids=ids,
+        kv_ids=ids if kv_ids is None else kv_ids,
+        positions=positions,
+        rotary_dim=rot,
+        causal=causal,
+        scale=scale,
+    )
+    dlse = np.where(np.isfinite(ref.lse), dlse, 0.0)
+
+    kwargs = dict(
+        segment_ids=None if ids is None else jnp.asarray(ids),
+        kv_segment_ids=None if kv_ids is None else jnp.asarray(kv_ids),
+        positions=kernel_positions,
+        rotary_dim=rot,
+        causal=causal,
+        tiling=tiling,
+        poison_outputs=True,
+    )
+
+    @jax.jit
+    def forward_and_grads(q, k, v, dout, dlse):
+        (out, lse), pullback = jax.vjp(lambda *a: flash_attention_with_lse(*a, **kwargs), q, k, v)
+        return out, lse, pullback((dout, dlse))
+
+    args = [jnp.asarray(x, dtype) for x in (q, k, v, dout)] + [jnp.asarray(dlse, jnp.float32)]
+    out, lse, (dq, dk, dv) = forward_and_grads(*args)
+    assert out.dtype == dtype and out.shape == (b, t, h, d)
+    assert dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
+    check_close("out", out, ref.out, dtype)
+    finite = np.isfinite(ref.lse)
+    lse = np.asarray(lse)
+    assert (np.isneginf(lse) == ~finite).all(), "lse must be -inf exactly on fully masked rows"
+    check_close("lse", np.where(finite, lse, 0.0), np.where(finite, ref.lse, 0.0), dtype)
+    for name, got, want in zip(
+        ("dq", "dk", "dv"), (dq, dk, dv), ref.grads(dout, dlse), strict=True
+    ):
+        check_close(name, got, want, dtype)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize(
+    "b,t,h,d,rot,causal,docs",
+    [
+        (2, 67, 2, 128, 0, True, 0),  # T not a block multiple, no RoPE, default positions
+        (1, 130, 2, 128, 64, True, 4),  # rotary 64 of 128 (1.3B), packed documents
+        (1, 67, 1, 256, 64, True, 3),  # rotary 64 of 256 (5.8B)
+        (2, 100, 1, 128, 64, False, 3),  # non-causal: padded keys must be masked explicitly
+    ],
+)
+def test_float32_matches_reference(b, t, h, d, rot, causal, docs):
+    run_case(b=b, t=t, h=h, d=d, rot=rot, causal=causal, docs=docs, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "b,t,h,d,rot,docs",
+    [
+        (1, 130, 2, 128, 64, 4),
+        (1, 67, 1, 256, 64, 2),
+    ],
+)
+def test_bfloat16_matches_reference(b, t, h, d, rot, docs):
+    run_case(b=b, t=t, h=h, d=d, rot=rot, causal=True, docs=docs, dtype=jnp.bfloat16)
+
+
+def test_long_sequence_with_gpu_default_tiles():
+    """T=260 with the tile sizes the GPU uses (several 64/128-row tiles, last one ragged)."""
+    run_case(
+        b=1,
+        t=260,
+        h=1,
+        d=128,
+        rot=64,
+        causal=True,
+        docs=3,
+        dtype=jnp.float32,
+        tiling=Tiling.default(128, "triton"),
+    )
+
+
+def test_tpu_layout_index_maps():
+    """The [batch, heads, seq, dim] layout used on TPU, run in interpret mode."""
+    tiling = Tiling(
+        block_q=32,
+        block_k=16,
+        block_q_dkv=16,
+        block_k_dkv=32,
+        block_q_dq=16,
+        block_k_dq=32,
+        layout="bhtd",
+    )
+    run_case(
+        b=2,
+        t=64,
+        h=2,
+        d=128,
+        rot=64,
+        causal=True,
+        docs=2,
+        dtype=jnp.float32,
+        tiling=tiling,
+        shared_positions=True,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fully_masked_rows_give_zero_and_no_nan(causal):
+    """Queries whose segment id has no key (kv_segment_ids differ) see nothing: output 0, lse -inf,
+    zero gradient contributions, and no NaN anywhere."""
+    t = 48
+    ids = np.repeat(np.array([[4, 7, 1]], np.int32), 16, axis=1)  # [4]*16 + [7]*16 + [1]*16
+    kv_ids = np.where(ids == 7, 8, ids).astype(np.int32)  # nobody has id 7 on the key side
+    ref = run_case(
+        b=1,
+        t=t,
+        h=2,
+        d=128,
+        rot=64,
+        causal=causal,
+        docs=0,
+        dtype=jnp.float32,
+        ids=ids,
+        kv_ids=kv_ids,
+    )
+    assert np.isneginf(ref.lse).sum() == 2 * 16  # the hand-built case really has empty rows
+
+
+def test_output_matches_without_lse_variant_and_jnp_model_rope():
+    """flash_attention (no lse) equals attention on q/k rotated by the model's own jnp formula."""
+    rng = np.random.default_rng(3)
+    b, t, h, d, rot = 1, 40, 2, 128, 64
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    out = flash_attention(q, k, v, rotary_dim=rot, tiling=SMALL, poison_outputs=True)
+    # The model's formula (the contract's wording), in jnp float32.
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
+    emb = jnp.concatenate([jnp.arange(t)[:, None] * inv_freq] * 2, axis=-1)
+    cos, sin = jnp.cos(emb)[None, :, None], jnp.sin(emb)[None, :, None]
+
+    def model_rope(x):
+        xr = x[..., :rot]
+        half = jnp.concatenate([-xr[..., rot // 2 :], xr[..., : rot // 2]], axis=-1)
+        return jnp.concatenate([xr * cos + half * sin, x[..., rot:]], axis=-1)
+
+    expected = jax.nn.dot_product_attention(model_rope(q), model_rope(k), v, is_causal=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-4, atol=2e-5)
+
+
+def test_bad_inputs_raise_named_errors():
+    q = jnp.zeros((1, 8, 2, 128), jnp.float32)
+    with pytest.raises(InputError, match="shapes differ"):
+        flash_attention(q, q[:, :4], q)
+    with pytest.raises(InputError, match="segment_ids"):
+        flash_attention(q, q, q, segment_ids=jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(InputError, match="dtype"):
+        flash_attention(q.astype(jnp.int32), q, q)
+    with pytest.raises(ConfigError, match="rotary_dim"):
+        flash_attention(q, q, q, rotary_dim=3)
+    with pytest.raises(ConfigError, match="powers of two"):
+        flash_attention(q, q, q, tiling=Tiling(block_q=48))
+    # Triton needs power-of-two chunks >= 16: rotary 24 gives halves of 12.
+    with pytest.raises(ConfigError, match="Triton"):
+        flash_attention(q, q, q, rotary_dim=24, backend="triton")
+
+
+def test_inside_shard_map_matches_unsharded():
+    """Batch over 'data' and heads over 'model' (how the model calls it): per-shard kernels give the
+    unsharded result. Interpret mode needs check_vma=False (the Pallas interpreter is not
+    vma-typed); the GPU/TPU lowerings run with the checks on (see test_lowering)."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(7)
+    b, t, h, d, rot = 2, 48, 4, 128, 64
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    ids, positions = (jnp.asarray(x) for x in packed_segments(rng, b, t, 3))
+
+    def attention(q, k, v, ids, positions):
+        return flash_attention(
+            q, k, v, segment_ids=ids, positions=positions, rotary_dim=rot, tiling=SMALL
+        )
+
+    heads = P("data", None, "model")
+    sharded = jax.shard_map(
+        attention,
+        mesh=mesh,
+        in_specs=(heads,) * 3 + (P("data"),) * 2,
+        out_specs=heads,
+        check_vma=False,
+    )
+
+    def grads(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, ids, positions)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(
+        jax.tree.leaves(grads(sharded)), jax.tree.leaves(grads(attention)), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
