@@ -28,7 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from polyglot_jax import flops
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.config import validate
-from polyglot_jax.data.pipeline import make_global_batch, make_pipeline
+from polyglot_jax.data.pipeline import make_global_batch, make_pipeline, tokenized_directories
+from polyglot_jax.data.shards import read_manifest
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.loss import chunked_cross_entropy
 from polyglot_jax.metrics import LossWatch, MetricsWriter
@@ -84,6 +85,17 @@ def check_train_config(
         )
     if t.keep_checkpoints <= 0:
         raise ConfigError(f"config.train.keep_checkpoints={t.keep_checkpoints} must be positive")
+
+
+def check_data_vocab(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    """Every tokenized corpus's ids must fit the model's (padded) vocabulary."""
+    for directory in tokenized_directories(config.data):
+        ids = read_manifest(directory)["vocab_size"]
+        if ids > model_cfg.vocab_size:
+            raise ConfigError(
+                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {ids} token ids of "
+                f"the tokenizer that made {directory}"
+            )
 
 
 def _unboxed_shapes(tree: Any) -> Any:
@@ -266,6 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     mesh = make_mesh(mesh_shape)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
+    check_data_vocab(config, model_cfg)
     data_iter = make_pipeline(
         config.data,
         seq_len=t.seq_len,

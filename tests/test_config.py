@@ -69,10 +69,10 @@ def _tiny(**model):
         (
             {"model__num_heads": 5},
             8,
-            r"config\.model\.d_model=64 is not divisible by config\.model\.num_heads=5",
+            r"config\.model\.d_model=128 is not divisible by config\.model\.num_heads=5",
         ),
         ({"model__rotary_dim": 7}, 8, r"config\.model\.rotary_dim=7 must be even"),
-        ({"model__rotary_dim": 18}, 8, r"config\.model\.rotary_dim=18 .*head_dim=16"),
+        ({"model__rotary_dim": 34}, 8, r"config\.model\.rotary_dim=34 .*head_dim=32"),
         ({"model__attention_impl": "flash"}, 8, r"config\.model\.attention_impl='flash'"),
         ({"model__remat_policy": "some"}, 8, r"config\.model\.remat_policy='some'"),
         ({"model__dtype": "float8"}, 8, r"config\.model\.dtype='float8'"),

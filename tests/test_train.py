@@ -154,3 +154,10 @@ def test_bad_train_configs(shards, overrides, message):
     model_cfg, mesh_shape = validate(config, 8)
     with pytest.raises(ConfigError, match=message):
         check_train_config(config, model_cfg, mesh_shape)
+
+
+def test_model_vocab_must_hold_the_tokenizer(shards, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"config\.model\.vocab_size=1024 is smaller than the \d+ token ids"
+    ):
+        train(tiny_config(shards, model__vocab_size=1024), tmp_path)

@@ -81,7 +81,8 @@ class Corpus:
     share: int  # records in this process's share
 
 
-def _resolve_directories(data_config: ml_collections.ConfigDict) -> list[str]:
+def tokenized_directories(data_config: ml_collections.ConfigDict) -> list[str]:
+    """The tokenized directories that `config.data.shards` names ('builtin' prepared on first use)."""
     shards = data_config.get("shards", ())
     if isinstance(shards, str):
         shards = (shards,)
@@ -460,7 +461,7 @@ def make_dataset(
     window_rows = -(-max(buffer, local_batch) // local_batch) * local_batch
 
     corpora = []
-    for directory in _resolve_directories(data_config):
+    for directory in tokenized_directories(data_config):
         manifest = read_manifest(directory)
         share = len(range(process_index, manifest["records"], process_count))
         if share == 0:
