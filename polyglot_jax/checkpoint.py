@@ -140,16 +140,12 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
     if not candidates:
         raise InputError(f"no checkpoint with params under {path}")
     for root, step in candidates:
-        manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
         try:
-            restored = manager.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-            )
-            return restored["params"], root / str(step)
-        except Exception as e:  # noqa: BLE001
+            with ocp.StandardCheckpointer() as checkpointer:
+                params = checkpointer.restore(root / str(step) / "params", abstract_params)
+            return params, root / str(step)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
             logging.warning(
                 "checkpoint %s/%d cannot be restored (%s); trying an older one", root, step, e
             )
-        finally:
-            manager.close()
     raise InputError(f"no readable checkpoint under {path}")

@@ -10,7 +10,10 @@ with exit code 2; `--verbosity=1` (or higher) shows the traceback as well.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import pathlib
 import pkgutil
 import sys
 
@@ -33,7 +36,9 @@ def subcommands() -> dict[str, str]:
 def _usage() -> str:
     lines = [f"usage: {PROG} SUBCOMMAND [--flags]   ({PROG} SUBCOMMAND --help for its flags)", ""]
     for name, module in subcommands().items():
-        doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
+        # Read the docstring without importing: every subcommand defines its own global flags.
+        source = pathlib.Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8")
+        doc = (ast.get_docstring(ast.parse(source)) or "").splitlines()
         lines.append(f"  {name:<18}{doc[0] if doc else ''}")
     return "\n".join(lines)
 

@@ -69,6 +69,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.prefetch = 2  # batches prepared ahead in a background thread (0 = none)
     config.cache_dir = ""  # where "builtin" is prepared ("" = sample.default_cache_dir())
+    # The tokenizer of the shards, for export and generation (the pipeline itself reads ids only);
+    # "" = the one recorded in the first directory's manifest.json.
+    config.tokenizer = ""
     return config
 
 

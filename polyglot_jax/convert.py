@@ -1,0 +1,640 @@
+"""Checkpoint conversion, streaming: an orbax run directory <-> a Hugging Face GPT-NeoX directory.
+
+`to_hf` reads the `params` of `workdir/checkpoints/<step>` one storage chunk (or one layer row of
+it) at a time and writes each piece straight into its place in preallocated safetensors files;
+`from_hf` reads one HF tensor at a time and writes it as one layer row of an orbax checkpoint. No
+whole model is ever in memory, and no torch is needed (except to read `pytorch_model.bin`, and for
+`verify_*`, which load both models to compare logits).
+
+What goes where is `hf_mapping.tensor_specs`: each HF tensor, our key path and (for scanned layers)
+the row of the stacked [layers, ...] parameter. A piece of our array becomes a box of the HF tensor
+through the axis order that the spec's `to_hf` realises (derived once by running `to_hf` on a small
+index array), so checkpoints whose chunks cut tensors anywhere (any mesh) convert on one CPU.
+
+Outputs are assembled in a hidden sibling directory and renamed into place at the end, so a failed
+or interrupted conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import pathlib
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from polyglot_jax import hf_mapping
+from polyglot_jax.checkpoint_arrays import CheckpointReader, CheckpointWriter, write_step_metadata
+from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
+from polyglot_jax.model import ModelConfig
+
+OUTPUT_DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+}
+PARAM_DTYPES = OUTPUT_DTYPES  # config.model.param_dtype names the same three
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_EOS_ID = 2  # the released models' <|endoftext|>
+DEFAULT_BOS_ID = 0  # as in the released models' config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """What a conversion wrote: the output directory, its weight files, tensor bytes, seconds."""
+
+    out: pathlib.Path
+    files: list[pathlib.Path]
+    tensor_bytes: int
+    seconds: float
+    step: int | None = None
+
+
+# ---------------------------------------------------------------- reading a run directory
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`workdir/config.json` (the resolved config a run writes) as a ConfigDict."""
+    file = pathlib.Path(workdir) / "config.json"
+    if not file.is_file():
+        raise InputError(f"{file} does not exist: not a polyglot-jax run directory")
+    try:
+        return ml_collections.ConfigDict(json.loads(file.read_text()))
+    except ValueError as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from e
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps with a complete `params` item under `workdir/checkpoints/`, ascending."""
+    root = pathlib.Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in root.iterdir()
+        if p.name.isdigit() and (p / "params" / "_METADATA").is_file()
+    )
+
+
+def step_directory(workdir: str | os.PathLike, step: int | None) -> tuple[int, pathlib.Path]:
+    """(step, `workdir/checkpoints/<step>`): the given step, or the latest when None."""
+    steps = checkpoint_steps(workdir)
+    root = pathlib.Path(workdir) / "checkpoints"
+    if not steps:
+        raise InputError(f"no checkpoint with params under {root}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise InputError(
+            f"no checkpoint for step {step} in {root} (available: {', '.join(map(str, steps))})"
+        )
+    return step, root / str(step)
+
+
+def _stacked(spec: hf_mapping.TensorSpec) -> bool:
+    """True when the spec is one row of a scanned [layers, ...] parameter (hf_mapping's rule)."""
+    return spec.layer is not None and spec.path[0] == "layers"
+
+
+def _specs_by_path(cfg: ModelConfig) -> dict[tuple[str, ...], list[hf_mapping.TensorSpec]]:
+    groups: dict[tuple[str, ...], list[hf_mapping.TensorSpec]] = {}
+    for spec in hf_mapping.tensor_specs(cfg):
+        groups.setdefault(spec.path, []).append(spec)
+    return groups
+
+
+def _stored_shape(group: list[hf_mapping.TensorSpec]) -> tuple[int, ...]:
+    """The shape of our parameter: one spec's shape, or [layers, ...] for a scanned stack."""
+    return (len(group), *group[0].ours_shape) if _stacked(group[0]) else group[0].ours_shape
+
+
+def _check_checkpoint(reader: CheckpointReader, groups: dict, where: pathlib.Path) -> None:
+    """Every parameter the config implies is present with its shape, and nothing else is."""
+    stored = set(reader.paths)
+    extra = sorted(".".join(p) for p in stored - set(groups))
+    if extra:
+        raise InputError(
+            f"{where}: parameter(s) {', '.join(extra[:4])} are not in the model that config.json "
+            "describes (check config.model, e.g. scan_layers)"
+        )
+    for path, group in groups.items():
+        name = ".".join(path)
+        if path not in stored:
+            raise InputError(f"{where}: parameter {name} is missing from the checkpoint")
+        shape, want = reader.shape(path), _stored_shape(group)
+        if shape != want:
+            raise InputError(
+                f"{where}: parameter {name} has shape {shape}, config.json implies {want}"
+            )
+
+
+# ---------------------------------------------------------------- our layout -> HF boxes
+
+
+def _kind(hf_key: str) -> str:
+    return re.sub(r"\.layers\.\d+\.", ".layers.N.", hf_key)
+
+
+@functools.cache
+def _axis_orders() -> dict[str, tuple[int, ...]]:
+    """For each kind of tensor, the permutation p of our axes with to_hf(x) == x.transpose(p)
+    read row-major, found by running the real `to_hf` on an index array of a small model whose
+    dimensions all differ (so only the true permutation matches)."""
+    probe = ModelConfig(vocab_size=11, num_layers=1, d_model=8, d_ff=10, num_heads=2, rotary_dim=2)
+    orders = {}
+    for spec in hf_mapping.tensor_specs(probe):
+        x = np.arange(math.prod(spec.ours_shape)).reshape(spec.ours_shape)
+        hf = np.asarray(spec.to_hf(x)).reshape(-1)
+        for perm in itertools.permutations(range(x.ndim)):
+            if np.array_equal(x.transpose(perm).reshape(-1), hf):
+                break
+        else:
+            raise RuntimeError(f"{spec.hf_key}: to_hf is not an axis permutation of our layout")
+        view = hf.reshape([spec.ours_shape[i] for i in perm]).transpose(np.argsort(perm))
+        if not np.array_equal(spec.from_hf(hf.reshape(spec.hf_shape)), view):
+            raise RuntimeError(f"{spec.hf_key}: from_hf is not the inverse of to_hf")
+        orders[_kind(spec.hf_key)] = perm
+    return orders
+
+
+def axis_order(spec: hf_mapping.TensorSpec) -> tuple[int, ...]:
+    """The permutation p of our (one-layer) axes such that the HF tensor, read row-major, is our
+    array transposed by p: a box of ours lands in the same box of the HF tensor viewed with shape
+    `ours_shape[p]`."""
+    return _axis_orders()[_kind(spec.hf_key)]
+
+
+def hf_view_shape(spec: hf_mapping.TensorSpec) -> tuple[int, ...]:
+    """The shape under which the HF tensor is our (one-layer) array with permuted axes."""
+    return tuple(spec.ours_shape[i] for i in axis_order(spec))
+
+
+def ours_view(spec: hf_mapping.TensorSpec, hf_tensor: np.ndarray) -> np.ndarray:
+    """`spec.from_hf(hf_tensor)` as a strided view (no copy): the copy that casts to our dtype
+    then does the transposition in the same pass."""
+    return hf_tensor.reshape(hf_view_shape(spec)).transpose(np.argsort(axis_order(spec)))
+
+
+# ---------------------------------------------------------------- output directories
+
+
+def _check_output(out: pathlib.Path, overwrite: bool, inputs: list[pathlib.Path]) -> None:
+    for source in inputs:
+        if out == source or out in source.parents:
+            raise InputError(f"output directory {out} would replace the input {source}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def _staged_output(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A hidden temporary directory beside `out`, renamed to `out` (replacing it) on success and
+    removed on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def run_tokenizer(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, override: str | None = None
+) -> pathlib.Path | None:
+    """The tokenizer directory of a run: `override`, else `config.data.tokenizer` when set, else
+    `workdir/tokenizer` (what `from_hf` writes) when present, else the tokenizer recorded in the
+    manifest of the run's first tokenized directory; None when unknown."""
+    data = config.get("data") or {}
+    if override:
+        path = pathlib.Path(override)
+    elif data.get("tokenizer"):
+        path = pathlib.Path(data["tokenizer"])
+    elif (workdir / "tokenizer" / "tokenizer.json").is_file():
+        path = workdir / "tokenizer"
+    else:
+        path = _manifest_tokenizer(data)
+        if path is None:
+            return None
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"tokenizer directory {path} has no tokenizer.json")
+    return path
+
+
+def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
+    """The tokenizer that made the run's first tokenized directory, if that is still on disk."""
+    shards = list(data.get("shards") or ())
+    if not shards or shards[0] == "builtin":
+        if not shards:
+            return None
+        from polyglot_jax.data.sample import prepare_builtin_sample
+
+        directory = prepare_builtin_sample(data.get("cache_dir") or None)
+    else:
+        directory = pathlib.Path(shards[0])
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return None
+    recorded = json.loads(manifest.read_text()).get("tokenizer")
+    if not recorded:
+        return None
+    path = pathlib.Path(recorded)
+    return path if path.is_dir() and (path / "tokenizer.json").is_file() else None
+
+
+def _copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------- orbax -> HF
+
+
+def to_hf(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    dtype: str = "float16",
+    max_shard_size: str | int = "5GB",
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Converted:
+    """Writes the checkpoint of `workdir` at `step` (default: the latest) as a Hugging Face
+    GPTNeoXForCausalLM directory `out`: config.json, generation_config.json, safetensors weights
+    in `dtype` (sharded above `max_shard_size`) and the run's tokenizer files when known.
+
+    Peak memory: a few blocks of one layer's tensor (or ~64 MB of rows): checkpoint chunks in
+    orbax's default format are decompressed as a stream, other formats through a one-chunk cache
+    (orbax caps chunks at 2 GiB); the safetensors files are written in place, never held whole.
+    """
+    start = time.perf_counter()
+    workdir, out = pathlib.Path(workdir).absolute(), pathlib.Path(out).absolute()
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {tuple(OUTPUT_DTYPES)}")
+    out_dtype, shard_bytes = OUTPUT_DTYPES[dtype], parse_size(max_shard_size)
+    config = load_run_config(workdir)
+    if "model" not in config:
+        raise InputError(f"{workdir / 'config.json'} has no model section")
+    cfg = ModelConfig.from_config(config.model)
+    step, step_dir = step_directory(workdir, step)
+    _check_output(out, overwrite, [workdir])
+    reader = CheckpointReader(step_dir / "params")
+    groups = _specs_by_path(cfg)
+    _check_checkpoint(reader, groups, step_dir)
+    tok_dir = run_tokenizer(config, workdir, tokenizer)
+    eos, pad = DEFAULT_EOS_ID, None
+    if tok_dir is not None:
+        from polyglot_jax.data.tokenizer import load_tokenizer
+
+        loaded = load_tokenizer(tok_dir)
+        eos, pad = loaded.eos_id, loaded.pad_id
+
+    specs = hf_mapping.tensor_specs(cfg)
+    entries = [TensorEntry(s.hf_key, out_dtype, s.hf_shape) for s in specs]
+    total = sum(e.nbytes for e in entries)
+    with _staged_output(out) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, entries, shard_bytes)
+        try:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc="to-hf", disable=not show_progress
+            ) as bar:
+                for path, group in groups.items():
+                    _copy_parameter(reader, path, group, writer)
+                    bar.update(sum(math.prod(s.hf_shape) for s in group) * out_dtype.itemsize)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        hf_config = hf_mapping.to_hf_config(
+            cfg, eos_token_id=eos, bos_token_id=DEFAULT_BOS_ID, torch_dtype=dtype
+        )
+        hf_config["dtype"] = dtype  # transformers 5's name for torch_dtype
+        _write_json(tmp / "config.json", hf_config)
+        generation = {"bos_token_id": DEFAULT_BOS_ID, "eos_token_id": eos, "do_sample": False}
+        if pad is not None:
+            generation["pad_token_id"] = pad
+        _write_json(tmp / "generation_config.json", generation)
+        if tok_dir is not None:
+            _copy_tokenizer(tok_dir, tmp)
+    files = [out / f.name for f in files]
+    return Converted(out, files, total, time.perf_counter() - start, step)
+
+
+def _copy_parameter(
+    reader: CheckpointReader,
+    path: tuple[str, ...],
+    group: list[hf_mapping.TensorSpec],
+    writer: ShardedSafetensorsWriter,
+) -> None:
+    """Moves one of our parameters (all its layers) into the HF tensors it holds, block by block;
+    the next block is decompressed in a background thread while this one is written."""
+    stacked = _stacked(group[0])
+    by_layer = {s.layer: s for s in group}
+    for index, block in prefetched(reader.blocks(path, single_rows=stacked)):
+        if stacked:
+            spec, box, piece = by_layer[index[0].start], index[1:], block[0]
+        else:
+            spec, box, piece = group[0], index, block
+        perm = axis_order(spec)
+        writer.write_box(
+            spec.hf_key, hf_view_shape(spec), tuple(box[i] for i in perm), piece.transpose(perm)
+        )
+
+
+def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """`items`, produced in a background thread up to `depth` ahead (decompression, reads and
+    numpy copies release the GIL, so producing and consuming use two cores)."""
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            slots.put(e)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.1)
+        thread.join()
+
+
+# ---------------------------------------------------------------- HF -> orbax
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict[str, Any]:
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise InputError(f"{file} does not exist: not a Hugging Face model directory")
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: not a JSON object")
+    return data
+
+
+def _check_hf_tensors(
+    weights: HFWeights, specs: list[hf_mapping.TensorSpec], hf_dir: pathlib.Path
+) -> dict[str, str]:
+    """Canonical key -> stored key, after checking names and shapes (before anything is written)."""
+    stored = hf_mapping.normalize_hf_keys(weights.keys())
+    unexpected = sorted(set(stored) - {s.hf_key for s in specs})
+    if unexpected:
+        raise InputError(
+            f"{hf_dir}: tensor(s) {', '.join(unexpected[:4])} do not belong to the GPTNeoX model "
+            "that config.json describes"
+        )
+    for spec in specs:
+        if spec.hf_key not in stored:
+            raise InputError(
+                f"{hf_dir}: missing tensor {spec.hf_key} (expected shape {spec.hf_shape})"
+            )
+        shape = weights.shape(stored[spec.hf_key])
+        if shape != spec.hf_shape:
+            raise InputError(
+                f"{hf_dir}: tensor {stored[spec.hf_key]} has shape {shape}, config.json implies "
+                f"{spec.hf_shape}"
+            )
+    return stored
+
+
+def run_config_for(
+    hf_config: dict[str, Any], config: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    """`config` (default: the base config) with the model architecture of an HF config.json."""
+    from polyglot_jax.config import base_config
+
+    config = (config if config is not None else base_config()).copy_and_resolve_references()
+    if "model" not in config:
+        raise ConfigError("the config has no model section")
+    for key, value in hf_mapping.from_hf_config(hf_config).items():
+        config.model[key] = value
+    return config
+
+
+def from_hf(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Converted:
+    """Writes a Hugging Face GPT-NeoX directory as a run directory `out`: `config.json` (the
+    architecture from the HF config, everything else from `config` or the base config),
+    `checkpoints/0/params` (an orbax checkpoint in `config.model.param_dtype`) and, when the HF
+    directory has one, its tokenizer under `out/tokenizer`. A new run continues from it with
+    `--config.train.init_from=OUT`.
+
+    Peak memory: one HF tensor plus three blocks (one layer row, or ~64 MB of rows).
+    Stored uncompressed.
+    """
+    start = time.perf_counter()
+    hf_dir, out = pathlib.Path(hf_dir).absolute(), pathlib.Path(out).absolute()
+    if not hf_dir.is_dir():
+        raise InputError(f"Hugging Face directory {hf_dir} does not exist")
+    config = run_config_for(read_hf_config(hf_dir), config)
+    cfg = ModelConfig.from_config(config.model)
+    param_dtype = PARAM_DTYPES[cfg.param_dtype]
+    _check_output(out, overwrite, [hf_dir])
+    weights = HFWeights(hf_dir)
+    specs = hf_mapping.tensor_specs(cfg)
+    stored = _check_hf_tensors(weights, specs, hf_dir)
+    groups = _specs_by_path(cfg)
+    arrays = {path: (_stored_shape(g), param_dtype) for path, g in groups.items()}
+    stacked = {path for path, g in groups.items() if _stacked(g[0])}
+    total = sum(math.prod(s.hf_shape) * param_dtype.itemsize for s in specs)
+    with _staged_output(out) as tmp:
+        step_dir = tmp / "checkpoints" / "0"
+        writer = CheckpointWriter(step_dir / "params", arrays, row_chunked=stacked)
+        blocks = _our_blocks(weights, stored, specs, writer, param_dtype)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="from-hf", disable=not show_progress
+        ) as bar:
+            for path, index, block in prefetched(blocks):
+                writer.write(path, index, block, owned=True)  # each block is a fresh array
+                bar.update(block.nbytes)
+        weights.close()
+        writer.finish()
+        write_step_metadata(step_dir)
+        if (hf_dir / "tokenizer.json").is_file():
+            _copy_tokenizer(hf_dir, tmp / "tokenizer")
+            if "data" in config and "tokenizer" in config.data:
+                config.data.tokenizer = str(out / "tokenizer")
+        (tmp / "config.json").write_text(
+            config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+        )
+    files = [out / "checkpoints" / "0" / "params"]
+    return Converted(out, files, total, time.perf_counter() - start, 0)
+
+
+def _our_blocks(
+    weights: HFWeights,
+    stored: dict[str, str],
+    specs: list[hf_mapping.TensorSpec],
+    writer: CheckpointWriter,
+    dtype: np.dtype,
+) -> Iterator[tuple[tuple[str, ...], tuple[slice, ...], np.ndarray]]:
+    """(our key path, index, data in `dtype`) for every HF tensor: a layer row of a stacked
+    parameter, or whole storage chunks (runs of rows) of an unstacked one. Memory: one HF tensor
+    plus one block."""
+    for spec in specs:
+        view = ours_view(spec, weights.get(stored[spec.hf_key]))
+        if _stacked(spec):
+            block = np.empty((1, *view.shape), dtype)
+            np.copyto(block[0], view, casting="same_kind")
+            rest = tuple(slice(None) for _ in view.shape)
+            yield spec.path, (slice(spec.layer, spec.layer + 1), *rest), block
+            continue
+        rows = writer.chunk_shape(spec.path)[0]  # our parameters all have an axis 0
+        for start in range(0, len(view), rows):
+            part = view[start : start + rows]
+            block = np.empty(part.shape, dtype)
+            np.copyto(block, part, casting="same_kind")
+            rest = tuple(slice(None) for _ in view.shape[1:])
+            yield spec.path, (slice(start, start + len(part)), *rest), block
+        del view
+
+
+# ---------------------------------------------------------------- verification
+
+
+def _our_logits(params: Any, cfg: ModelConfig, batches: list[np.ndarray]) -> list[np.ndarray]:
+    import jax
+
+    from polyglot_jax.model import GPTNeoX
+
+    model = GPTNeoX(dataclasses.replace(cfg, dtype="float32", attention_impl="xla"))
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    return [np.asarray(apply(params, t), np.float64) for t in batches]
+
+
+def _hf_logits(hf_dir: pathlib.Path, batches: list[np.ndarray]) -> list[np.ndarray]:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise InputError(f"verification needs transformers and torch ({e})") from None
+    model, info = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, output_loading_info=True
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if type(model).__name__ != "GPTNeoXForCausalLM" or bad:
+        raise InputError(f"transformers loads {hf_dir} as {type(model).__name__} with {bad}")
+    model.eval()
+    with torch.no_grad():
+        return [model(torch.as_tensor(t)).logits.double().numpy() for t in batches]
+
+
+def _random_batches(cfg: ModelConfig, batches: int, seq_len: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    seq_len = min(seq_len, cfg.max_len)
+    return [rng.integers(0, cfg.vocab_size, (2, seq_len), dtype=np.int32) for _ in range(batches)]
+
+
+def _restore(workdir: pathlib.Path, step: int | None, cfg: ModelConfig, cast: np.dtype | None):
+    """Our params of `workdir` (whole, on the first device), optionally rounded through `cast`."""
+    import flax.linen as nn
+    import jax
+
+    from polyglot_jax.checkpoint import restore_params
+    from polyglot_jax.model import abstract_params
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=device),
+        abstract_params(cfg),
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    _, step_dir = step_directory(workdir, step)
+    params, _ = restore_params(step_dir, abstract)
+    if cast is not None:  # the weights the HF side holds: compare computation, not rounding
+        params = jax.tree.map(lambda p: np.asarray(p).astype(cast).astype(np.float32), params)
+    return params
+
+
+def verify_hf_against_workdir(
+    hf_dir: str | os.PathLike,
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    hf_weights_dtype: str | None = None,
+    batches: int = 3,
+    seq_len: int = 32,
+) -> float:
+    """Max |logits difference| between transformers on `hf_dir` and our model on `workdir`'s
+    checkpoint, on random token batches [2, seq_len], both computing in float32. With
+    `hf_weights_dtype` (the dtype `to_hf` wrote), our weights are first rounded to it, so that
+    both sides hold the same numbers and the difference measures the conversion, not rounding.
+    Loads both models whole."""
+    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+    cfg = ModelConfig.from_config(load_run_config(workdir).model)
+    cast = OUTPUT_DTYPES[hf_weights_dtype] if hf_weights_dtype else None
+    tokens = _random_batches(cfg, batches, seq_len)
+    theirs = _hf_logits(hf_dir, tokens)
+    ours = _our_logits(_restore(workdir, step, cfg, cast), cfg, tokens)
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs, strict=True))

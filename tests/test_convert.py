@@ -1,0 +1,547 @@
+"""Checkpoint conversion orbax <-> HF, checked against transformers, safetensors and hf_mapping.
+
+The references are independent of the streaming code: `hf_mapping.to_hf_state_dict` /
+`from_hf_state_dict` on whole in-memory trees, transformers' GPTNeoXForCausalLM, the `safetensors`
+package's reader, and orbax's own restore.
+"""
+
+import json
+import math
+import pathlib
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from hf_reference import hf_logits, hf_state_dict, random_hf_model
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM
+
+from polyglot_jax import convert, hf_mapping
+from polyglot_jax.checkpoint import Checkpointer, restore_params
+from polyglot_jax.checkpoint_arrays import CheckpointReader
+from polyglot_jax.config import base_config
+from polyglot_jax.errors import InputError
+from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
+from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
+from polyglot_jax.partitioning import logical_shardings, make_mesh, rules_from_config
+
+# Every dimension divides a (fsdp 2, model 4) mesh; distinct sizes catch transposition mistakes.
+MODEL = dict(
+    vocab_size=96,
+    num_layers=2,
+    d_model=64,
+    d_ff=128,
+    num_heads=4,
+    rotary_dim=8,
+    max_len=64,
+    dtype="float32",
+)
+TOKENS = np.random.default_rng(1).integers(0, MODEL["vocab_size"], (2, 24), dtype=np.int32)
+
+
+def run_config(**model):
+    config = base_config()
+    config.model.update({**MODEL, **model})
+    return config
+
+
+def random_params(cfg: ModelConfig, seed: int) -> dict:
+    """Every parameter random (LayerNorms and biases too, so a misplaced one shows)."""
+    rng = np.random.default_rng(seed)
+    boxed = abstract_params(cfg)
+    return jax.tree.map(
+        lambda b: (0.2 * rng.standard_normal(b.value.shape)).astype(b.value.dtype),
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
+def save_run(workdir: pathlib.Path, config, steps: dict, mesh_shape: dict | None = None):
+    """A run directory as the trainer leaves it: config.json and checkpoints/<step>/ (params,
+    opt_state), the arrays placed on `mesh_shape` when given."""
+    cfg = ModelConfig.from_config(config.model)
+    ckpt = Checkpointer(workdir, keep=10, keep_period=None, async_save=False)
+    for step, params in steps.items():
+        if mesh_shape is not None:
+            mesh = make_mesh(
+                {"data": 1, **mesh_shape, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1}
+            )
+            shardings = logical_shardings(
+                abstract_params(cfg), mesh, rules_from_config(config.mesh.rules)
+            )
+            params = jax.device_put(params, shardings)
+        ckpt.save(step, params, optax.adamw(1e-3).init(params), None)
+    ckpt.close()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    return workdir
+
+
+def our_logits(params, cfg: ModelConfig) -> np.ndarray:
+    return np.asarray(GPTNeoX(cfg).apply({"params": params}, TOKENS), np.float64)
+
+
+def load_hf(directory):
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, output_loading_info=True
+    )
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF directory via the safetensors package (single file or index)."""
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    out = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="np") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def restore(workdir, cfg: ModelConfig, step=None):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=device),
+        abstract_params(cfg),
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    target = workdir if step is None else pathlib.Path(workdir) / "checkpoints" / str(step)
+    return jax.tree.map(np.asarray, restore_params(target, abstract)[0])
+
+
+def assert_trees_equal(a, b):
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+    assert len(flat_a) == len(flat_b)
+    for path, x in flat_a:
+        y = flat_b[path]
+        assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A single-device run with checkpoints at steps 0 and 5 (different params)."""
+    config = run_config()
+    cfg = ModelConfig.from_config(config.model)
+    params = {0: random_params(cfg, 0), 5: random_params(cfg, 5)}
+    workdir = save_run(tmp_path_factory.mktemp("run"), config, params)
+    return workdir, cfg, params
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory):
+    """A random float32 transformers model saved with save_pretrained, plus a tokenizer."""
+    cfg = ModelConfig(**MODEL)
+    model = random_hf_model(cfg, seed=3)
+    directory = tmp_path_factory.mktemp("hf_in")
+    model.save_pretrained(directory)
+    return directory, cfg, model
+
+
+# ---------------------------------------------------------------- to-hf
+
+
+def test_to_hf_float32_matches_reference_and_transformers(run, tmp_path):
+    workdir, cfg, params = run
+    out = tmp_path / "hf"
+    result = convert.to_hf(workdir, out, dtype="float32", show_progress=False)
+    assert result.step == 5 and result.files == [out / "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    reference = hf_mapping.to_hf_state_dict(params[5], cfg)
+    written = read_safetensors(out)
+    assert written.keys() == reference.keys()
+    for key, value in reference.items():
+        assert written[key].dtype == np.float32 and np.array_equal(written[key], value), key
+    diff = np.max(np.abs(hf_logits(load_hf(out), TOKENS) - our_logits(params[5], cfg)))
+    assert diff <= 1e-4
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["do_sample"] is False
+
+
+def test_to_hf_picks_the_requested_step(run, tmp_path):
+    workdir, cfg, params = run
+    convert.to_hf(workdir, tmp_path / "hf", step=0, dtype="float32", show_progress=False)
+    written = read_safetensors(tmp_path / "hf")
+    for key, value in hf_mapping.to_hf_state_dict(params[0], cfg).items():
+        assert np.array_equal(written[key], value), key
+
+
+def test_to_hf_from_a_sharded_mesh_into_small_shards(tmp_path):
+    """Saved on a (fsdp 2, model 4) mesh, so storage chunks cut every tensor; bfloat16 output
+    split into many files by a small max_shard_size."""
+    config = run_config()
+    cfg = ModelConfig.from_config(config.model)
+    params = random_params(cfg, 7)
+    workdir = save_run(tmp_path / "run", config, {0: params}, {"fsdp": 2, "model": 4})
+    reader = CheckpointReader(workdir / "checkpoints" / "0" / "params")
+    path = ("layers", "mlp", "up_kernel")
+    assert math.prod(reader.chunk_shape(path)) < math.prod(reader.shape(path))  # really partial
+
+    out = tmp_path / "hf"
+    result = convert.to_hf(
+        workdir, out, dtype="bfloat16", max_shard_size="40KB", show_progress=False
+    )
+    assert len(result.files) > 3 and (out / "model.safetensors.index.json").is_file()
+    for f in result.files:  # each shard within the limit unless one tensor alone is larger
+        with safe_open(str(f), framework="np") as handle:
+            sizes = [handle.get_tensor(k).nbytes for k in handle.keys()]
+        assert sum(sizes) <= 40_000 or len(sizes) == 1
+    written = read_safetensors(out)
+    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+        assert written[key].dtype == ml_dtypes.bfloat16, key
+        assert np.array_equal(written[key], value.astype(ml_dtypes.bfloat16)), key
+    model = load_hf(out)
+    rounded = jax.tree.map(lambda p: p.astype(ml_dtypes.bfloat16).astype(np.float32), params)
+    assert np.max(np.abs(hf_logits(model, TOKENS) - our_logits(rounded, cfg))) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "use_ocdbt, use_zarr3, mesh_shape",
+    [(True, True, None), (True, True, {"fsdp": 2, "model": 4}), (False, False, None)],
+)
+def test_to_hf_reads_other_orbax_layouts(tmp_path, use_ocdbt, use_zarr3, mesh_shape):
+    """zarr3 (read through tensorstore's chunk cache, in pieces that cut tensors when saved on a
+    mesh) and one directory per array (no OCDBT)."""
+    config = run_config()
+    cfg = ModelConfig.from_config(config.model)
+    params = random_params(cfg, 11)
+    saved = params
+    if mesh_shape is not None:
+        mesh = make_mesh({"data": 1, **mesh_shape, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1})
+        rules = rules_from_config(config.mesh.rules)
+        saved = jax.device_put(params, logical_shardings(abstract_params(cfg), mesh, rules))
+    workdir = tmp_path / "run"
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(workdir / "checkpoints" / "0" / "params", args=ocp.args.PyTreeSave(saved))
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    if mesh_shape is not None:  # pieces of tensors, written into boxes of the safetensors files
+        reader = CheckpointReader(workdir / "checkpoints" / "0" / "params")
+        path = ("layers", "attention", "qkv_kernel")
+        assert math.prod(reader.chunk_shape(path)) < math.prod(reader.shape(path))
+    convert.to_hf(workdir, tmp_path / "hf", dtype="float32", show_progress=False)
+    written = read_safetensors(tmp_path / "hf")
+    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+        assert np.array_equal(written[key], value), key
+
+
+def test_reader_reassembles_rows_from_edge_chunks(tmp_path):
+    """Chunks that do not divide the array (zarr v2 pads edge chunks): whole rows come out."""
+    import tensorstore as ts
+
+    from polyglot_jax.checkpoint_arrays import BLOCK_BYTES
+
+    data = np.random.default_rng(0).standard_normal((7, 12, 5)).astype(np.float32)
+    params_dir = tmp_path / "params"
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": "w/"},
+        "metadata": {"shape": [7, 12, 5], "chunks": [3, 5, 5], "compressor": {"id": "zstd"}},
+        "dtype": "float32",
+        "create": True,
+    }
+    ts.open(spec).result().write(data).result()
+    key = {"key_metadata": [{"key": "w", "key_type": 2}], "value_metadata": {}}
+    (params_dir / "_METADATA").write_text(json.dumps({"tree_metadata": {"('w',)": key}}))
+    reader = CheckpointReader(params_dir)
+    assert reader.chunk_shape(("w",)) == (3, 5, 5)
+    for single_rows in (True, False):
+        out, rows = np.full(data.shape, np.nan, np.float32), []
+        for index, block in reader.blocks(("w",), single_rows=single_rows):
+            assert index[1:] == (slice(0, 12), slice(0, 5))  # whole rows
+            out[index] = block
+            rows.append(len(block))
+        assert np.array_equal(out, data)
+        assert rows == ([1] * 7 if single_rows else [3, 3, 1])  # one block per band: < BLOCK_BYTES
+    assert data[:3].nbytes < BLOCK_BYTES
+
+
+def test_the_tokenizer_travels_with_the_weights(run, tmp_path, shared_data):
+    """to-hf copies the run's tokenizer (config.data.tokenizer); from-hf keeps the HF directory's
+    under OUT/tokenizer, where the next to-hf finds it."""
+    workdir, _, _ = run
+    tokenizer = shared_data / "polyglot-ko-mbbpe-2022"
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "checkpoints").symlink_to(workdir / "checkpoints")
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"]["tokenizer"] = str(tokenizer)
+    (named / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "hf"
+    convert.to_hf(named, out, show_progress=False)
+    for name in convert.TOKENIZER_FILES:
+        assert (out / name).read_bytes() == (tokenizer / name).read_bytes()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|endoftext|>") == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == 2 and config["torch_dtype"] == "float16"
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 0
+
+    convert.from_hf(out, tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    convert.to_hf(tmp_path / "run", tmp_path / "hf2", show_progress=False)
+    assert (tmp_path / "hf2" / "tokenizer.json").read_bytes() == (
+        tokenizer / "tokenizer.json"
+    ).read_bytes()
+
+
+def test_unscanned_layers_convert_both_ways(tmp_path):
+    config = run_config(scan_layers=False)
+    cfg = ModelConfig.from_config(config.model)
+    params = random_params(cfg, 13)
+    assert "layers_1" in params
+    workdir = save_run(tmp_path / "run", config, {0: params})
+    convert.to_hf(workdir, tmp_path / "hf", dtype="float32", show_progress=False)
+    written = read_safetensors(tmp_path / "hf")
+    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+        assert np.array_equal(written[key], value), key
+    convert.from_hf(tmp_path / "hf", tmp_path / "back", config=config, show_progress=False)
+    assert_trees_equal(restore(tmp_path / "back", cfg), params)
+
+
+# ---------------------------------------------------------------- from-hf
+
+
+def test_from_hf_logits_equal_transformers(hf_model_dir, tmp_path):
+    directory, cfg, model = hf_model_dir
+    out = tmp_path / "run"
+    convert.from_hf(directory, out, show_progress=False)
+    params = restore(out, cfg)
+    sd = hf_state_dict(model)
+    sd["embed_out.weight"] = sd.pop("lm_head.weight")
+    assert_trees_equal(params, hf_mapping.from_hf_state_dict(sd, cfg))
+    diff = np.max(np.abs(our_logits(params, cfg) - hf_logits(model, TOKENS)))
+    assert diff <= 1e-4
+    config = convert.load_run_config(out)
+    assert ModelConfig.from_config(config.model) == ModelConfig.from_config(
+        run_config(dtype="bfloat16").model
+    )  # the architecture from HF, the numerics from the base config
+
+
+def test_from_hf_reads_pytorch_bin_with_legacy_buffers(hf_model_dir, tmp_path):
+    _, cfg, model = hf_model_dir
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    state = {k: v.clone().half() for k, v in model.state_dict().items()}
+    state["embed_out.weight"] = state.pop("lm_head.weight")
+    state["gpt_neox.layers.0.attention.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    state["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = torch.ones(4)
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(hf_mapping.to_hf_config(cfg)))
+    convert.from_hf(directory, tmp_path / "run", show_progress=False)
+    expected = hf_mapping.from_hf_state_dict({k: v.float().numpy() for k, v in state.items()}, cfg)
+    assert_trees_equal(restore(tmp_path / "run", cfg), expected)
+
+
+def test_from_hf_output_is_what_the_trainer_restores_on_a_mesh(hf_model_dir, tmp_path):
+    """`train` seeds a run from `init_from` with restore_params onto its sharded abstract tree."""
+    from polyglot_jax.train import build_step
+
+    directory, cfg, _ = hf_model_dir
+    out = tmp_path / "run"
+    convert.from_hf(directory, out, config=run_config(), show_progress=False)
+    config = convert.load_run_config(out)
+    config.mesh.fsdp, config.mesh.model = 2, 4
+    mesh_shape = {"data": 1, "fsdp": 2, "model": 4, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1}
+    mesh, rules = make_mesh(mesh_shape), rules_from_config(config.mesh.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        fns = build_step(config, cfg, mesh, rules)
+        params, _ = restore_params(out, fns.abstract_params)
+    qkv = params["layers"]["attention"]["qkv_kernel"]
+    assert isinstance(qkv.sharding, NamedSharding) and qkv.sharding.spec != PartitionSpec()
+    assert_trees_equal(jax.tree.map(np.asarray, params), restore(out, cfg))
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_to_hf_then_from_hf_is_bit_identical(run, tmp_path):
+    workdir, cfg, params = run
+    convert.to_hf(workdir, tmp_path / "hf", dtype="float32", show_progress=False)
+    convert.from_hf(tmp_path / "hf", tmp_path / "back", config=run_config(), show_progress=False)
+    assert_trees_equal(restore(tmp_path / "back", cfg), params[5])
+
+
+def test_float16_hf_through_orbax_and_back_is_bit_identical(hf_model_dir, tmp_path):
+    directory, cfg, model = hf_model_dir
+    half = tmp_path / "half"
+    model.half().save_pretrained(half)
+    model.float()
+    convert.from_hf(half, tmp_path / "run", show_progress=False)
+    convert.to_hf(tmp_path / "run", tmp_path / "again", dtype="float16", show_progress=False)
+    original, again = read_safetensors(half), read_safetensors(tmp_path / "again")
+    assert again.keys() == original.keys()
+    for key, value in original.items():
+        assert again[key].dtype == np.float16 and np.array_equal(again[key], value), key
+
+
+# ---------------------------------------------------------------- safetensors files
+
+
+def test_streaming_writer_matches_the_safetensors_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((5, 7)).astype(np.float32),
+        "b": rng.standard_normal((3,)).astype(ml_dtypes.bfloat16),
+        "c": rng.standard_normal((4, 6)).astype(np.float16),
+    }
+    entries = [TensorEntry(k, v.dtype, v.shape) for k, v in tensors.items()]
+    writer = ShardedSafetensorsWriter(tmp_path, entries, max_shard_bytes=10**6)
+    writer.write_box("c", (6, 4), (slice(0, 6), slice(2, 4)), tensors["c"][2:4].T)
+    writer.write("a", tensors["a"])
+    writer.write_box("c", (6, 4), (slice(0, 6), slice(0, 2)), tensors["c"][0:2].T)
+    with pytest.raises(RuntimeError, match="b: 0 of 3"):
+        writer.close()
+    writer = ShardedSafetensorsWriter(tmp_path, entries, max_shard_bytes=10**6)
+    for key, value in tensors.items():
+        writer.write(key, value)
+    assert writer.close() == [tmp_path / "model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt"}
+        for key, value in tensors.items():
+            got = f.get_tensor(key)
+            assert got.dtype == value.dtype and np.array_equal(got, value), key
+    written_by_safetensors = tmp_path / "ref"
+    written_by_safetensors.mkdir()
+    save_file(tensors, str(written_by_safetensors / "model.safetensors"))
+    weights = HFWeights(written_by_safetensors)
+    for key, value in tensors.items():
+        got = weights.get(key)
+        assert weights.shape(key) == value.shape and got.dtype == value.dtype
+        assert np.array_equal(got, value), key
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("40KB") == 40_000
+    assert parse_size("1000") == 1000
+    for bad in ("5 parsecs", "-1GB", "0"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_to_hf_bad_inputs(run, tmp_path):
+    workdir, _, _ = run
+    with pytest.raises(InputError, match=r"no checkpoint for step 7 .*available: 0, 5"):
+        convert.to_hf(workdir, tmp_path / "a", step=7, show_progress=False)
+    with pytest.raises(InputError, match="config.json does not exist"):
+        convert.to_hf(tmp_path, tmp_path / "b", show_progress=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty.*--overwrite"):
+        convert.to_hf(workdir, full, show_progress=False)
+    assert (full / "keep.txt").read_text() == "mine"
+    convert.to_hf(workdir, full, overwrite=True, show_progress=False)
+    assert not (full / "keep.txt").exists() and (full / "model.safetensors").is_file()
+    with pytest.raises(InputError, match="would replace the input"):
+        convert.to_hf(workdir, workdir.parent, overwrite=True, show_progress=False)
+
+
+def test_to_hf_checkpoint_that_does_not_match_its_config(run, tmp_path):
+    workdir, _, _ = run
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "checkpoints").symlink_to(workdir / "checkpoints")
+    (other / "config.json").write_text(run_config(d_ff=192).to_json_best_effort())
+    with pytest.raises(InputError, match=r"layers.mlp.up_kernel has shape \(2, 64, 128\)"):
+        convert.to_hf(other, tmp_path / "hf", show_progress=False)
+    (other / "config.json").write_text(run_config(scan_layers=False).to_json_best_effort())
+    with pytest.raises(InputError, match="not in the model that config.json describes"):
+        convert.to_hf(other, tmp_path / "hf", show_progress=False)
+
+
+def _hf_copy(source: pathlib.Path, target: pathlib.Path, drop=(), config_changes=None):
+    target.mkdir()
+    tensors = read_safetensors(source)
+    save_file(
+        {k: v for k, v in tensors.items() if k not in drop}, str(target / "model.safetensors")
+    )
+    config = {**json.loads((source / "config.json").read_text()), **(config_changes or {})}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_from_hf_bad_inputs(hf_model_dir, tmp_path):
+    directory, _, _ = hf_model_dir
+    llama = _hf_copy(directory, tmp_path / "llama", config_changes={"model_type": "llama"})
+    with pytest.raises(InputError, match="not GPTNeoXForCausalLM"):
+        convert.from_hf(llama, tmp_path / "o1", show_progress=False)
+    key = "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"
+    missing = _hf_copy(directory, tmp_path / "missing", drop=(key,))
+    with pytest.raises(InputError, match=f"missing tensor {key}"):
+        convert.from_hf(missing, tmp_path / "o2", show_progress=False)
+    wider = _hf_copy(directory, tmp_path / "wider", config_changes={"intermediate_size": 192})
+    with pytest.raises(InputError, match=r"dense_h_to_4h.weight has shape \(128, 64\), config"):
+        convert.from_hf(wider, tmp_path / "o3", show_progress=False)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(InputError, match="no model.safetensors"):
+        convert.from_hf(no_weights, tmp_path / "o4", show_progress=False)
+    for name in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / name).exists()
+
+
+def test_a_failed_conversion_leaves_no_output(run, hf_model_dir, tmp_path, monkeypatch):
+    workdir, _, _ = run
+    calls = []
+
+    def fail_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return original(self, *args, **kwargs)
+
+    original = ShardedSafetensorsWriter.write_box
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write_box", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        convert.to_hf(workdir, tmp_path / "hf", show_progress=False)
+    monkeypatch.undo()
+
+    from polyglot_jax.checkpoint_arrays import CheckpointWriter
+
+    calls.clear()
+    original = CheckpointWriter.write
+    monkeypatch.setattr(CheckpointWriter, "write", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        convert.from_hf(hf_model_dir[0], tmp_path / "run", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no hidden leftovers
+
+
+def test_a_truncated_checkpoint_chunk_is_reported(tmp_path):
+    config = run_config()
+    params = random_params(ModelConfig.from_config(config.model), 17)
+    workdir = tmp_path / "run"
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as checkpointer:
+        checkpointer.save(
+            workdir / "checkpoints" / "0" / "params", args=ocp.args.PyTreeSave(params)
+        )
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    chunk = workdir / "checkpoints" / "0" / "params" / "layers.mlp.up_kernel" / "0.0.0"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"layers.mlp.up_kernel/0.0.0 .*(truncated|corrupt)"):
+        convert.to_hf(workdir, tmp_path / "hf", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
