@@ -53,3 +53,10 @@ def test_bad_input_is_one_line_exit_2(args, message):
 def test_unknown_subcommand():
     out = _run("nonsense")
     assert out.returncode == 2 and "unknown subcommand" in out.stderr
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for sub in ("info", "clean", "train-tokenizer", "tokenize", "train", "convert", "generate"):
+        assert f"\n  {sub} " in out.stdout
