@@ -258,24 +258,20 @@ def run_tokenizer(
 
 
 def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
-    """The tokenizer that made the run's first tokenized directory, if that is still on disk."""
+    """The tokenizer that made the run's first tokenized directory, if that is still on disk.
+
+    The built-in sample is not prepared just to find out (a run on it names its tokenizer in
+    `config.data.tokenizer` when it matters, as the demo does).
+    """
     shards = list(data.get("shards") or ())
     if not shards or shards[0] == "builtin":
-        if not shards:
-            return None
-        from polyglot_jax.data.sample import prepare_builtin_sample
-
-        directory = prepare_builtin_sample(data.get("cache_dir") or None)
-    else:
-        directory = pathlib.Path(shards[0])
-    manifest = directory / "manifest.json"
+        return None
+    manifest = pathlib.Path(shards[0]) / "manifest.json"
     if not manifest.is_file():
         return None
     recorded = json.loads(manifest.read_text()).get("tokenizer")
-    if not recorded:
-        return None
-    path = pathlib.Path(recorded)
-    return path if path.is_dir() and (path / "tokenizer.json").is_file() else None
+    path = pathlib.Path(recorded) if recorded else None
+    return path if path is not None and (path / "tokenizer.json").is_file() else None
 
 
 def _copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:

@@ -545,3 +545,18 @@ def test_a_truncated_checkpoint_chunk_is_reported(tmp_path):
     with pytest.raises(InputError, match=r"layers.mlp.up_kernel/0.0.0 .*(truncated|corrupt)"):
         convert.to_hf(workdir, tmp_path / "hf", show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_run_tokenizer_falls_back_to_the_shards_manifest(tmp_path):
+    """A run that does not name its tokenizer exports the one its shards were made with."""
+    from train_fixtures import tiny_config, tiny_shards
+
+    from polyglot_jax.convert import run_tokenizer
+
+    shards = tiny_shards(tmp_path / "cache")
+    config = tiny_config(shards)
+    assert not config.data.tokenizer
+    recorded = json.loads((shards / "manifest.json").read_text())["tokenizer"]
+    assert run_tokenizer(config, tmp_path) == pathlib.Path(recorded)
+    config.data.shards = ("builtin",)
+    assert run_tokenizer(config, tmp_path) is None
