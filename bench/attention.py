@@ -8,7 +8,7 @@
 Attention: causal, bf16, 16 heads, head_dim 128 and 256, batch * seq = --tokens; forward and
 forward+backward TFLOP/s by the usual model-FLOP count (forward 4*B*H*T^2*D, halved when causal;
 backward 2.5x the forward). Implementations: this package's kernel (without and with fused RoPE, and
-with packed segments), jax.nn.dot_product_attention's XLA and cuDNN paths, and XLA/cuDNN after a
+with packed segments), the same with the Hopper (Mosaic GPU) forward, jax.nn.dot_product_attention's XLA and cuDNN paths, and XLA/cuDNN after a
 separate jnp RoPE (what the fused kernel replaces). RoPE: the standalone kernel's GB/s (bytes read and
 written) against XLA's fused jnp RoPE and against a plain XLA elementwise pass (the HBM bandwidth
 reached in practice). Imports only jax, numpy, the standard library and polyglot_jax.kernels.
@@ -39,6 +39,7 @@ ROTARY_DIM = 64
 GOAL_FORWARD_TFLOPS = 400.0  # H100, seq 2048, head_dim 128, causal, bf16
 GOAL_FWD_BWD_VS_CUDNN = 0.9
 GOAL_ROPE_VS_HBM = 0.8
+OURS = ("pallas", "pallas_hopper")  # the kernels the speed goals are about
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -84,6 +85,7 @@ def attention_impls(interpret: bool):
         kernel["tiling"] = Tiling(
             block_q=32, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32
         )
+    hopper = dict(kernel, backend="mosaic_gpu")
 
     def xla(implementation, rotary):
         def fn(q, k, v, positions, segment_ids):
@@ -102,6 +104,14 @@ def attention_impls(interpret: bool):
         ),
         "pallas+rope+segments": lambda q, k, v, p, s: flash_attention(
             q, k, v, segment_ids=s, positions=p, rotary_dim=ROTARY_DIM, **kernel
+        ),
+        # The Hopper forward (Mosaic GPU; H100 only, an error row elsewhere) + the Triton backward.
+        "pallas_hopper": lambda q, k, v, p, s: flash_attention(q, k, v, **hopper),
+        "pallas_hopper+rope": lambda q, k, v, p, s: flash_attention(
+            q, k, v, positions=p, rotary_dim=ROTARY_DIM, **hopper
+        ),
+        "pallas_hopper+rope+segments": lambda q, k, v, p, s: flash_attention(
+            q, k, v, segment_ids=s, positions=p, rotary_dim=ROTARY_DIM, **hopper
         ),
         "xla": xla("xla", False),
         "xla+rope": xla("xla", True),
@@ -215,20 +225,27 @@ def goals(attention: list[dict], rope_rows: list[dict]) -> dict:
                 return row
         return None
 
+    def fastest(mode):  # either of our kernels counts: the model can run either
+        rows = [find(attention, impl=i, seq=2048, head_dim=128, mode=mode) for i in OURS]
+        rows = [r for r in rows if r]
+        return max(rows, key=lambda r: r["tflops"]) if rows else None
+
     out = {}
-    ours = find(attention, impl="pallas", seq=2048, head_dim=128, mode="fwd")
+    ours = fastest("fwd")
     if ours:
         out["forward_tflops"] = {
             "value": ours["tflops"],
+            "impl": ours["impl"],
             "goal": GOAL_FORWARD_TFLOPS,
             "met": ours["tflops"] >= GOAL_FORWARD_TFLOPS,
         }
-    ours = find(attention, impl="pallas", seq=2048, head_dim=128, mode="fwd_bwd")
+    ours = fastest("fwd_bwd")
     cudnn = find(attention, impl="cudnn", seq=2048, head_dim=128, mode="fwd_bwd")
     if ours and cudnn:
         ratio = ours["tflops"] / cudnn["tflops"]
         out["fwd_bwd_vs_cudnn"] = {
             "value": ratio,
+            "impl": ours["impl"],
             "goal": GOAL_FWD_BWD_VS_CUDNN,
             "met": ratio >= GOAL_FWD_BWD_VS_CUDNN,
         }

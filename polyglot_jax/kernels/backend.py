@@ -1,8 +1,11 @@
 """Which Pallas lowering a kernel call uses, its compiler parameters, and the call itself.
 
-Three lowerings: ``"triton"`` (NVIDIA GPUs, A100 and H100; deprecated upstream since jax 0.11, so every
-Triton-specific import lives in this module), ``"mosaic_tpu"`` (TPU) and ``"interpret"`` (any device,
-the kernel body run as ordinary XLA ops; what the CPU tests use).
+Lowerings: ``"triton"`` (NVIDIA GPUs, A100 and H100; deprecated upstream since jax 0.11, so every
+Triton-specific import lives in this module), ``"mosaic_tpu"`` (TPU), ``"interpret"`` (any device,
+the kernel body run as ordinary XLA ops; what the CPU tests use) and ``"mosaic_gpu"`` (Hopper only,
+never picked automatically: the flash-attention forward as a warp-specialised Mosaic GPU kernel; with
+``interpret=True`` it runs in Pallas' GPU interpret mode, which simulates shared memory, TMA and
+barriers on the CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from polyglot_jax.errors import ConfigError
 
-BACKENDS = ("interpret", "triton", "mosaic_tpu")
+BACKENDS = ("interpret", "triton", "mosaic_tpu", "mosaic_gpu")
 
 
 def resolve_backend(interpret: bool | None, backend: str | None = None) -> str:
@@ -29,6 +32,8 @@ def resolve_backend(interpret: bool | None, backend: str | None = None) -> str:
     if backend is not None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend={backend!r} is not one of {BACKENDS}")
+        if backend == "mosaic_gpu":
+            return backend  # interpret picks the GPU interpret mode there
         if interpret is not None and interpret != (backend == "interpret"):
             raise ConfigError(f"interpret={interpret} contradicts backend={backend!r}")
         return backend

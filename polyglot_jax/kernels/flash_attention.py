@@ -16,6 +16,10 @@ the largest tile; padded keys are masked where a real query could see them and p
 computed finitely and dropped. A row that sees no key at all (possible with ``kv_segment_ids``) gets
 output 0, logsumexp -inf and zero gradients, never NaN.
 
+Hopper: ``backend="mosaic_gpu"`` swaps the forward for the warp-specialised Mosaic GPU kernel in
+``flash_attention_hopper`` (TMA, wgmma); it writes the same output and logsumexp, so the backward
+kernels here serve it unchanged.
+
 Layouts: arrays enter as ``[batch, seq, heads, head_dim]``. The Triton and interpret lowerings read that
 layout in place (strided tiles); Mosaic TPU needs the sequence in the second-minor position, so on TPU
 the arrays are transposed to ``[batch, heads, seq, head_dim]`` around the kernels.
@@ -36,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kernels import backend as backend_lib
+from polyglot_jax.kernels import flash_attention_hopper as hopper_lib
 from polyglot_jax.kernels import rotary
 
 # Finite, so exp2(s - m) stays NaN-free for a row that has seen no visible key yet; a real score
@@ -130,9 +135,11 @@ class _Plan:
     segmented: bool
     tables_batched: bool  # cos/sin are [batch, T, rot/2] (else [1, T, rot/2], shared)
     tiling: Tiling
-    backend: str
+    backend: str  # the lowering of the portable kernels (with a Hopper forward: the backward's)
     layout: str  # "bthd" or "bhtd"
     poison: bool
+    hopper: hopper_lib.HopperTiling | None = None  # forward by the Mosaic GPU kernel
+    hopper_interpret: bool = False  # ...run in Pallas' GPU interpret mode
 
     @property
     def rotary(self) -> bool:
@@ -585,11 +592,19 @@ def _backward_call(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin, do, lse, delta)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin):
     """(output, base-2 logsumexp [B, H, T, 1]) on padded arrays in the plan's layout."""
+    return _forward(plan, q, k, v, seg_q, seg_k, cos, sin)
+
+
+def _forward(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin):
+    if plan.hopper is not None:
+        return hopper_lib.forward(
+            plan, plan.hopper, q, k, v, seg_q, seg_k, cos, sin, interpret=plan.hopper_interpret
+        )
     return tuple(_forward_call(plan, q, k, v, seg_q, seg_k, cos, sin))
 
 
 def _attention_fwd(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin):
-    o, lse = _forward_call(plan, q, k, v, seg_q, seg_k, cos, sin)
+    o, lse = _forward(plan, q, k, v, seg_q, seg_k, cos, sin)
     return (o, lse), (q, k, v, seg_q, seg_k, cos, sin, o, lse)
 
 
@@ -696,11 +711,21 @@ def flash_attention_with_lse(
     _check_inputs(q, k, v, segment_ids, kv_segment_ids, positions, rotary_dim)
     b, t, h, d = q.shape
     lowering = backend_lib.resolve_backend(interpret, backend)
+    hopper = hopper_interpret = None
+    if lowering == "mosaic_gpu":
+        # Hopper forward; the backward runs the portable kernels (Triton, or interpret on CPU).
+        hopper_interpret = bool(interpret)  # like backend="triton": native unless asked
+        lowering = "interpret" if hopper_interpret else "triton"
+        hopper = hopper_lib.HopperTiling.default(d)
+        hopper_lib.check(hopper, q.dtype, d, rotary_dim)
     tiling = tiling or Tiling.default(d, lowering, backend_lib.compute_capability(lowering))
     _check_tiling(tiling, lowering, d, rotary_dim)
     tiling = tiling.fit(t)
     layout = tiling.layout or ("bhtd" if lowering == "mosaic_tpu" else "bthd")
-    padded = -(-t // max(tiling.blocks())) * max(tiling.blocks())
+    if hopper is not None:
+        layout = "bthd"
+    multiple = max(tiling.blocks() + (hopper.blocks() if hopper else ()))
+    padded = -(-t // multiple) * multiple
     pad = padded - t
 
     def pad_seq(x, mode="constant"):
@@ -736,6 +761,8 @@ def flash_attention_with_lse(
         backend=lowering,
         layout=layout,
         poison=poison_outputs,
+        hopper=hopper,
+        hopper_interpret=bool(hopper_interpret),
     )
     out, lse2 = _attention(plan, q, k, v, seg_q, seg_k, cos, sin)
     if layout == "bhtd":
@@ -769,8 +796,11 @@ def flash_attention(
     rotary_dim dims of q and k are rotated NeoX-style (rotate-half) at these positions with ``rope_base``.
     sm_scale: default 1/sqrt(head_dim). interpret: None = interpret mode on CPU only. tiling: block sizes
     and Triton launch parameters (default ``Tiling.default``). backend: force a lowering
-    ("triton", "mosaic_tpu", "interpret"), e.g. to lower for GPU from a CPU host. poison_outputs: start
-    every kernel output as NaN (a debugging aid that makes unwritten tiles visible).
+    ("triton", "mosaic_tpu", "interpret"), e.g. to lower for GPU from a CPU host; "mosaic_gpu" runs the
+    forward as the Hopper kernel of ``flash_attention_hopper`` (bfloat16/float16, head_dim a multiple
+    of 64; with interpret=True in Pallas' GPU interpret mode) and the backward as Triton kernels.
+    poison_outputs: start every kernel output as NaN (a debugging aid that makes unwritten tiles
+    visible).
 
     Returns [batch, seq, heads, head_dim] in q's dtype (float32 accumulation inside).
     """

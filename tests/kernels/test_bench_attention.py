@@ -22,7 +22,8 @@ def test_smoke_run_writes_results(tmp_path):
         assert key in record
     assert record["lowering"] == "interpret"
     rows = {(r["impl"], r["mode"]): r for r in record["attention"]}
-    for impl in ("pallas", "pallas+rope", "pallas+rope+segments", "xla", "xla+rope"):
+    hopper = ("pallas_hopper", "pallas_hopper+rope", "pallas_hopper+rope+segments")
+    for impl in ("pallas", "pallas+rope", "pallas+rope+segments", "xla", "xla+rope") + hopper:
         for mode in ("fwd", "fwd_bwd"):
             row = rows[(impl, mode)]
             assert "error" not in row, row

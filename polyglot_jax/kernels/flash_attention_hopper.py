@@ -1,0 +1,399 @@
+"""The flash-attention forward for Hopper (sm_90) GPUs in Pallas Mosaic GPU: TMA, wgmma, warp groups.
+
+Same contract as the portable forward in ``flash_attention`` (causal, packed segments, fused partial
+RoPE, padded rows, empty rows give 0 and logsumexp -inf); the backward stays the portable kernels.
+
+Structure (after FlashAttention-3 and jax's ``attention_mgpu`` example): a program owns
+``groups * block_q`` query rows of one (batch, head). Each of its ``groups`` compute warp groups (two;
+one for head_dim 256, whose buffers leave no room for a second) owns ``block_q`` rows; one more warp
+group streams K/V tiles with TMA into a ring of ``stages`` shared-memory slots, each slot guarded by
+a "loaded" barrier (TMA → compute) and a "consumed" barrier (compute → TMA). Not yet tuned on
+hardware: no ping-pong between the compute groups, no softmax/wgmma overlap.
+
+Fused RoPE without lane shuffles: TMA fetches q and k as head-dim chunks ``[0, r/2)``, ``[r/2, r)``,
+``[r, D)`` into separate shared buffers, so each rotate-half pair sits at the same place of two
+register tiles and the rotation is elementwise (float32, from float32 cos/sin tiles of the given
+positions). Each compute group writes its rotated k halves to a private buffer; the scores are a sum
+of one wgmma per chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from polyglot_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from polyglot_jax.kernels.flash_attention import _Plan
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperTiling:
+    """block_q: query rows per compute warp group (a wgmma is 64 rows); block_k: key rows per TMA
+    tile; stages: K/V tiles in flight; groups: compute warp groups per program (1 or 2)."""
+
+    block_q: int = 64
+    block_k: int = 64
+    stages: int = 2
+    groups: int = 2
+
+    @classmethod
+    def default(cls, head_dim: int) -> HopperTiling:
+        """Buffers that fit the H100's 227 KiB of shared memory (checked when lowering): head_dim
+        256 leaves room for one compute group only. Not yet timed on hardware."""
+        return cls(groups=2 if head_dim <= 128 else 1)
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.groups * self.block_q
+
+    def blocks(self) -> tuple[int, ...]:
+        """Sizes the padded sequence length must be a multiple of."""
+        return (self.rows_per_program, self.block_k)
+
+
+def check(tiling: HopperTiling, dtype, head_dim: int, rotary_dim: int) -> None:
+    """Refuse, with one line, what the Hopper kernel cannot do (wgmma and TMA limits)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ConfigError(f"backend='mosaic_gpu' takes bfloat16 or float16 q/k/v, got {dtype}")
+    if head_dim % 64 or rotary_dim % 32 or tiling.block_q != 64 or tiling.block_k % 64:
+        raise ConfigError(
+            f"backend='mosaic_gpu' needs head_dim a multiple of 64 and rotary_dim of 32 "
+            f"(got {head_dim}, {rotary_dim}), block_q 64 and block_k a multiple of 64 ({tiling})"
+        )
+    if tiling.stages < 2 or tiling.groups not in (1, 2):
+        raise ConfigError(f"HopperTiling needs stages >= 2 and groups 1 or 2, got {tiling}")
+
+
+def _plgpu():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu
+
+
+def _smem(plgpu, shape: tuple[int, ...], dtype, swizzled: bool):
+    """A shared buffer; wgmma operands get the (8, swizzle) tiling and the widest swizzle that fits."""
+    if not swizzled:
+        return plgpu.SMEM(shape, dtype)
+    row_bytes = shape[-1] * jnp.dtype(dtype).itemsize
+    swizzle = max(s for s in (32, 64, 128) if row_bytes % s == 0)
+    tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
+    plgpu = _plgpu()
+    regs = _Registers(plan.hopper_interpret)
+    refs = dict(zip(names, refs, strict=True))
+    q_ref, k_ref, v_ref, o_ref, lse_ref = (refs[n] for n in ("q", "k", "v", "o", "lse"))
+    chunks = plan.chunks
+    dtype = q_ref.dtype
+    bq, bk, stages = tiling.block_q, tiling.block_k, tiling.stages
+    rotary, segmented = plan.rotary, plan.segmented
+    d = plan.head_dim
+    n_programs = plan.padded_len // tiling.rows_per_program
+    n_real = pl.cdiv(plan.seq_len, bk)
+    kv_limit = not plan.causal and plan.seq_len % bk != 0
+
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    # Causal programs near the end do the most work: launch them first.
+    tile = n_programs - 1 - lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    table_b = b if plan.tables_batched else 0
+    if plan.causal:
+        program_end = tile * tiling.rows_per_program + tiling.rows_per_program
+        program_steps = jnp.minimum(pl.cdiv(program_end, bk), n_real)
+    else:
+        program_steps = n_real
+
+    def body(scoped):
+        q_smem, kr_smem, lse_smem, qtab_smem, segq_smem = scoped["compute"]
+        k_smem, v_smem, ktab_smem, segk_smem = scoped["ring"]
+        q_bar, k_bar, v_bar = scoped["loaded"]
+        k_free, v_free = scoped["consumed"]
+
+        @pl.when(wg < tiling.groups)
+        def _compute():
+            q_start = tile * tiling.rows_per_program + wg * bq
+            rows = pl.ds(q_start, bq)
+            copies = [
+                (q_ref.at[b, rows, h, pl.ds(s, n)], q_smem[c].at[wg])
+                for c, (s, n) in enumerate(chunks)
+            ]
+            if rotary:
+                copies += [
+                    (refs["cos"].at[table_b, rows], qtab_smem[0].at[wg]),
+                    (refs["sin"].at[table_b, rows], qtab_smem[1].at[wg]),
+                ]
+            if segmented:
+                copies.append((refs["seg_q"].at[b, rows], segq_smem.at[wg]))
+            for src, dst in copies:
+                plgpu.copy_gmem_to_smem(src, dst, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            if rotary:
+                q1, q2 = q_smem[0].at[wg], q_smem[1].at[wg]
+                _rotate_into(regs, q1, q2, qtab_smem[0].at[wg], qtab_smem[1].at[wg], q1, q2)
+                plgpu.commit_smem()  # the rotated q is read by wgmma (the async proxy)
+            seg_rows = None
+            if segmented:
+                seg_rows = regs.load(segq_smem.at[wg], "rows")
+
+            if plan.causal:
+                steps = jnp.minimum(pl.cdiv(q_start + bq, bk), n_real)
+                split = 0 if segmented else lax.div(q_start, bk)
+            else:
+                steps = n_real
+                split = 0 if (segmented or kv_limit) else n_real
+
+            def step(j, carry, masked: bool):
+                acc, m, denom = carry
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                k_chunks = [k_smem[c].at[slot] for c in range(len(chunks))]
+                if rotary:
+                    _rotate_into(
+                        regs,
+                        k_chunks[0],
+                        k_chunks[1],
+                        ktab_smem[0].at[slot],
+                        ktab_smem[1].at[slot],
+                        kr_smem[0].at[wg],
+                        kr_smem[1].at[wg],
+                    )
+                    plgpu.commit_smem()
+                    k_chunks[:2] = [kr_smem[0].at[wg], kr_smem[1].at[wg]]
+
+                s = regs.matmul(
+                    (bq, bk), [(q_smem[c].at[wg], k_chunks[c], True) for c in range(len(chunks))]
+                )
+                s = s * (plan.sm_scale * LOG2_E)
+                if masked:
+                    k_start = j * bk
+                    q_pos = q_start + regs.iota((bq, bk), 0)
+                    k_pos = k_start + regs.iota((bq, bk), 1)
+                    mask = None
+                    if plan.causal:
+                        mask = q_pos >= k_pos
+                    if kv_limit:
+                        real = k_pos < plan.seq_len
+                        mask = real if mask is None else jnp.logical_and(mask, real)
+                    if segmented:
+                        seg_cols = regs.load(segk_smem.at[slot], "columns")
+                        same = lax.broadcast_in_dim(seg_rows, (bq, bk), [0]) == (
+                            lax.broadcast_in_dim(seg_cols, (bq, bk), [1])
+                        )
+                        mask = same if mask is None else jnp.logical_and(mask, same)
+                    s = jnp.where(mask, s, MASK_VALUE)
+                plgpu.barrier_arrive(k_free.at[slot])
+
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                denom = denom * alpha + p.sum(axis=1)
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                pv = regs.matmul((bq, d), [(p.astype(dtype), v_smem.at[slot], False)])
+                plgpu.barrier_arrive(v_free.at[slot])
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+                return acc, m_new, denom
+
+            def release(j, _):
+                # Tiles past this group's rows still pass through its slots: observe each phase of
+                # the slot's barriers (as every waiter must) and hand the slot back.
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+
+            carry = (
+                regs.cast(jnp.zeros((bq, d), jnp.float32), "tile"),
+                regs.cast(jnp.full((bq,), MASK_VALUE, jnp.float32), "rows"),
+                regs.cast(jnp.zeros((bq,), jnp.float32), "rows"),
+            )
+            carry = lax.fori_loop(0, split, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(split, steps, functools.partial(step, masked=True), carry)
+            lax.fori_loop(steps, program_steps, release, None)
+            acc, m, denom = carry
+
+            empty = m == MASK_VALUE  # the row saw no visible key
+            inv = 1.0 / jnp.where(empty, 1.0, denom)
+            out = acc * lax.broadcast_in_dim(jnp.where(empty, 0.0, inv), acc.shape, [0])
+            # q's buffers are free now: the output leaves through them, chunk by chunk.
+            out = out.astype(dtype)
+            for c, (start, size) in enumerate(chunks):
+                q_smem[c].at[wg][...] = out[:, start : start + size]
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(denom))
+            plgpu.commit_smem()
+            for c, (start, size) in enumerate(chunks):
+                plgpu.copy_smem_to_gmem(q_smem[c].at[wg], o_ref.at[b, rows, h, pl.ds(start, size)])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == tiling.groups)
+        def _stream():
+            def issue(j):
+                slot = lax.rem(j, stages)
+                keys = pl.ds(j * bk, bk)
+                copies = [
+                    (k_ref.at[b, keys, h, pl.ds(s, n)], k_smem[c].at[slot])
+                    for c, (s, n) in enumerate(chunks)
+                ]
+                if rotary:
+                    copies += [
+                        (refs["cos"].at[table_b, keys], ktab_smem[0].at[slot]),
+                        (refs["sin"].at[table_b, keys], ktab_smem[1].at[slot]),
+                    ]
+                if segmented:
+                    copies.append((refs["seg_k"].at[b, keys], segk_smem.at[slot]))
+                # One barrier per slot counts every copy of the tile (num_arrivals = len(copies)).
+                for src, dst in copies:
+                    plgpu.copy_gmem_to_smem(src, dst, k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
+
+            for j in range(stages):
+                pl.when(j < program_steps)(functools.partial(issue, jnp.int32(j)))
+
+            @pl.loop(stages, program_steps)
+            def _(j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                issue(j)
+
+            @pl.loop(jnp.maximum(program_steps - stages, 0), program_steps)
+            def _(j):
+                # Observe the last hand-backs too, so every barrier phase has been waited on.
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+    n_copies = len(chunks) + 2 * rotary + segmented  # TMA copies per q tile, and per k tile
+    half = plan.rotary_dim // 2
+    g = tiling.groups
+    compute = (
+        [_smem(plgpu, (g, bq, n), dtype, True) for _, n in chunks],
+        [_smem(plgpu, (g, bk, half), dtype, True) for _ in range(2)] if rotary else None,
+        plgpu.SMEM((g, bq), jnp.float32),
+        [_smem(plgpu, (g, bq, half), jnp.float32, True) for _ in range(2)] if rotary else None,
+        plgpu.SMEM((g, bq), jnp.int32) if segmented else None,
+    )
+    ring = (
+        [_smem(plgpu, (stages, bk, n), dtype, True) for _, n in chunks],
+        _smem(plgpu, (stages, bk, d), dtype, True),
+        [_smem(plgpu, (stages, bk, half), jnp.float32, True) for _ in range(2)] if rotary else None,
+        plgpu.SMEM((stages, bk), jnp.int32) if segmented else None,
+    )
+    pl.run_scoped(
+        lambda compute, ring, loaded, consumed: body(
+            {"compute": compute, "ring": ring, "loaded": loaded, "consumed": consumed}
+        ),
+        compute,
+        ring,
+        (
+            plgpu.Barrier(num_arrivals=n_copies, num_barriers=g),
+            plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        ),
+        (plgpu.Barrier(num_arrivals=g, num_barriers=stages),) * 2,
+        collective_axes="wg",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registers:
+    """Register arrays in wgmma layouts: "tile" ([rows, cols] as a wgmma accumulator), "rows" (one
+    value per tile row) and "columns" (one per tile column). Tiles loaded in the same layout combine
+    elementwise whatever their dtype. GPU interpret mode knows no layouts: plain arrays there."""
+
+    interpret: bool
+
+    def _layout(self, kind: str):
+        wgmma = _plgpu().Layout.WGMMA
+        return {"tile": wgmma, "rows": wgmma.reduce(1), "columns": wgmma.reduce(0)}[kind]
+
+    def cast(self, x: jax.Array, kind: str) -> jax.Array:
+        return x if self.interpret else _plgpu().layout_cast(x, self._layout(kind))
+
+    def load(self, ref, kind: str = "tile") -> jax.Array:
+        return ref[...] if self.interpret else _plgpu().load(ref, (), layout=self._layout(kind))
+
+    def matmul(self, shape: tuple[int, int], terms: list[tuple]) -> jax.Array:
+        """float32 ``sum(a @ (b.T if transposed else b))`` over terms (a: ref or array, b: ref).
+
+        On the GPU: wgmmas into one accumulator, read once all have finished. The interpreter's
+        wgmma takes neither register operands nor transposed refs, so there it is a plain dot of
+        the same shared-memory contents: only the tensor-core instruction itself goes unsimulated.
+        """
+        if self.interpret:
+            total = jnp.zeros(shape, jnp.float32)
+            for a, b, transposed in terms:
+                a = a if isinstance(a, jax.Array) else a[...]
+                dims = (((1,), (1 if transposed else 0,)), ((), ()))
+                total += lax.dot_general(a, b[...], dims, preferred_element_type=jnp.float32)
+            return total
+        plgpu = _plgpu()
+
+        def issue(acc_ref):
+            for a, b, transposed in terms:
+                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transposed else b)
+            return acc_ref[...]
+
+        return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
+
+    def iota(self, shape: tuple[int, int], dimension: int) -> jax.Array:
+        layout = None if self.interpret else self._layout("tile")
+        return _plgpu().broadcasted_iota(jnp.int32, shape, dimension, layout=layout)
+
+
+def _rotate_into(regs: _Registers, src1, src2, cos_ref, sin_ref, dst1, dst2) -> None:
+    """NeoX rotate-half of one tile's two halves, in float32; may write over its sources."""
+    x1, x2 = regs.load(src1).astype(jnp.float32), regs.load(src2).astype(jnp.float32)
+    cos, sin = regs.load(cos_ref), regs.load(sin_ref)
+    dst1[...] = (x1 * cos - x2 * sin).astype(dst1.dtype)
+    dst2[...] = (x2 * cos + x1 * sin).astype(dst2.dtype)
+
+
+def forward(plan: _Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin, *, interpret: bool):
+    """(o [B, T, H, D] in q's dtype, base-2 logsumexp float32 [B, H, T, 1]) on padded bthd arrays.
+
+    seg_q/seg_k: int32 [B, T] or None; cos/sin: float32 [B or 1, T, rotary_dim // 2] or None.
+    """
+    plgpu = _plgpu()
+    inputs = {"q": q, "k": k, "v": v, "seg_q": seg_q, "seg_k": seg_k, "cos": cos, "sin": sin}
+    names = [n for n, x in inputs.items() if x is not None]
+    b, t, h, d = q.shape
+    out_type = (
+        jax.ShapeDtypeStruct((b, t, h, d), q.dtype),
+        jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+    )
+    params = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params["interpret"] = InterpretGPUParams(detect_races=True)
+    o, lse = plgpu.kernel(
+        functools.partial(_kernel, plan, tiling, names + ["o", "lse"]),
+        out_type=out_type,
+        grid=(h, t // tiling.rows_per_program, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=tiling.groups + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **params,
+    )(*(inputs[n] for n in names))
+    return o, lse[..., None]
