@@ -350,7 +350,7 @@ class _Registers:
 
         def issue(acc_ref):
             for a, b, transposed in terms:
-                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)) if transposed else b)
+                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if transposed else b)
             return acc_ref[...]
 
         return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
@@ -382,10 +382,12 @@ def forward(plan: _Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin, 
         jax.ShapeDtypeStruct((b, h, t), jnp.float32),
     )
     params = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    if interpret:  # public from jax 0.11 on
+        params_cls = getattr(plgpu, "InterpretGPUParams", None)
+        if params_cls is None:
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params_cls
 
-        params["interpret"] = InterpretGPUParams(detect_races=True)
+        params["interpret"] = params_cls(detect_races=True, uninitialized_memory="nan")
     o, lse = plgpu.kernel(
         functools.partial(_kernel, plan, tiling, names + ["o", "lse"]),
         out_type=out_type,
