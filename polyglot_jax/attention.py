@@ -14,7 +14,9 @@ from jax.sharding import PartitionSpec
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.rotary import apply_rope
 
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+# pallas_hopper: the Pallas kernels with the Hopper (Mosaic GPU) forward; H100 only (GPU interpret
+# mode on CPU, for tests).
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_hopper")
 
 
 def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
@@ -41,8 +43,11 @@ def xla_attention(q, k, v, segment_ids=None):
     )
 
 
-def pallas_attention(q, k, v, positions, segment_ids, rotary_dim: int, rope_base: float):
-    """The fused Pallas kernel (RoPE inside), run per shard of batch and heads.
+def pallas_attention(
+    q, k, v, positions, segment_ids, rotary_dim: int, rope_base: float, hopper: bool = False
+):
+    """The fused Pallas kernel (RoPE inside), run per shard of batch and heads; with ``hopper``
+    its forward is the Mosaic GPU kernel.
 
     A Pallas call cannot be partitioned automatically, so under a mesh it runs in `shard_map`
     with the specs the logical rules give q/k/v; the sequence axis must stay whole on each device.
@@ -58,14 +63,19 @@ def pallas_attention(q, k, v, positions, segment_ids, rotary_dim: int, rope_base
             positions=positions,
             rotary_dim=rotary_dim,
             rope_base=rope_base,
+            **hopper_args,
         )
+
+    hopper_args = {}
+    if hopper:
+        hopper_args = dict(backend="mosaic_gpu", interpret=jax.default_backend() == "cpu")
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, positions, segment_ids)
     qkv_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
     if qkv_spec[1] is not None:
-        raise ConfigError("attention_impl='pallas' needs the sequence (length) axis unsharded")
+        raise ConfigError("attention_impl='pallas*' needs the sequence (length) axis unsharded")
     row_spec = PartitionSpec(qkv_spec[0], None)
     seg_spec = None if segment_ids is None else row_spec
     return jax.shard_map(
@@ -101,8 +111,9 @@ def attend(
     """
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
-    if impl == "pallas":
-        return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base)
+    if impl in ("pallas", "pallas_hopper"):
+        hopper = impl == "pallas_hopper"
+        return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base, hopper)
     q = apply_rope(q, positions, rotary_dim, rope_base)
     k = apply_rope(k, positions, rotary_dim, rope_base)
     if impl == "cudnn":

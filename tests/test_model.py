@@ -110,3 +110,35 @@ def test_cudnn_refuses_packed_segments():
     with pytest.raises(ConfigError, match="cudnn.*cannot mask packed segments"):
         attend(q, q, q, positions=jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 4), jnp.int32),
                rotary_dim=4, rope_base=10000.0, impl="cudnn")  # fmt: skip
+
+
+def test_pallas_hopper_model_matches_xla_in_bfloat16():
+    """attention_impl='pallas_hopper' (the Mosaic GPU forward, GPU interpret mode on CPU): logits of
+    packed documents and the parameter gradients agree with the xla implementation."""
+    cfg = ModelConfig(128, 1, 128, 256, 2, 32, dtype="bfloat16", attention_impl="xla")
+    hopper = dataclasses.replace(cfg, attention_impl="pallas_hopper")
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 100)))
+    positions = jnp.asarray(np.concatenate([np.arange(60), np.arange(40)])[None])
+    segments = jnp.asarray(np.array([1] * 60 + [2] * 40)[None])
+    params = GPTNeoX(cfg).init(jax.random.key(2), tokens)["params"]
+
+    def loss(p, c):
+        logits = GPTNeoX(c).apply({"params": p}, tokens, positions, segments)
+        return logits.astype(jnp.float32).std(), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, cfg)
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, hopper)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=0.05)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, atol=0.03 * np.abs(b).max() + 1e-6)
+
+
+def test_pallas_hopper_refuses_float32_and_narrow_heads():
+    from polyglot_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pallas_hopper.*float32"):
+        ModelConfig(128, 1, 128, 256, 2, 32, dtype="float32", attention_impl="pallas_hopper")
+    with pytest.raises(ConfigError, match="pallas_hopper.*multiple of 64"):
+        ModelConfig(128, 1, 128, 256, 4, 16, dtype="bfloat16", attention_impl="pallas_hopper")
