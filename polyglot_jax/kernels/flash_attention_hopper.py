@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LOG2_E = math.log2(math.e)
+# Per-thread registers after rebalancing (multiples of 8; 2 * 128 * 232 + 128 * 40 <= 65,536).
+COMPUTE_REGISTERS, TMA_REGISTERS = 232, 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +129,8 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
         @pl.when(wg < tiling.groups)
         def _compute():
+            # Registers move to the compute groups (accumulators); the TMA group needs few.
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             q_start = tile * tiling.rows_per_program + wg * bq
             rows = pl.ds(q_start, bq)
             copies = [
@@ -246,6 +250,8 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
         @pl.when(wg == tiling.groups)
         def _stream():
+            plgpu.set_max_registers(TMA_REGISTERS, action="decrease")
+
             def issue(j):
                 slot = lax.rem(j, stages)
                 keys = pl.ds(j * bk, bk)
