@@ -99,9 +99,9 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     plgpu = _plgpu()
     regs = _Registers(plan.hopper_interpret)
     refs = dict(zip(names, refs, strict=True))
-    q_ref, k_ref, v_ref, o_ref, lse_ref = (refs[n] for n in ("q", "k", "v", "o", "lse"))
+    v_ref, o_ref, lse_ref = refs["v"], refs["o"], refs["lse"]
     chunks = plan.chunks
-    dtype = q_ref.dtype
+    dtype = refs["q"].dtype
     bq, bk, stages = tiling.block_q, tiling.block_k, tiling.stages
     rotary, segmented = plan.rotary, plan.segmented
     d = plan.head_dim
@@ -121,6 +121,24 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     else:
         program_steps = n_real
 
+    def copy_tile(name, seg_name, rows, chunk_bufs, table_bufs, seg_buf, index, barrier):
+        """TMA one q or k tile (head-dim chunks, cos/sin rows, segment ids) into buffers[index].
+
+        One barrier counts every copy of the tile (its num_arrivals is the number of copies)."""
+        copies = [
+            (refs[name].at[b, rows, h, pl.ds(start, size)], chunk_bufs[c].at[index])
+            for c, (start, size) in enumerate(chunks)
+        ]
+        if rotary:
+            copies += [
+                (refs["cos"].at[table_b, rows], table_bufs[0].at[index]),
+                (refs["sin"].at[table_b, rows], table_bufs[1].at[index]),
+            ]
+        if segmented:
+            copies.append((refs[seg_name].at[b, rows], seg_buf.at[index]))
+        for src, dst in copies:
+            plgpu.copy_gmem_to_smem(src, dst, barrier)
+
     def body(scoped):
         q_smem, kr_smem, lse_smem, qtab_smem, segq_smem = scoped["compute"]
         k_smem, v_smem, ktab_smem, segk_smem = scoped["ring"]
@@ -133,19 +151,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             q_start = tile * tiling.rows_per_program + wg * bq
             rows = pl.ds(q_start, bq)
-            copies = [
-                (q_ref.at[b, rows, h, pl.ds(s, n)], q_smem[c].at[wg])
-                for c, (s, n) in enumerate(chunks)
-            ]
-            if rotary:
-                copies += [
-                    (refs["cos"].at[table_b, rows], qtab_smem[0].at[wg]),
-                    (refs["sin"].at[table_b, rows], qtab_smem[1].at[wg]),
-                ]
-            if segmented:
-                copies.append((refs["seg_q"].at[b, rows], segq_smem.at[wg]))
-            for src, dst in copies:
-                plgpu.copy_gmem_to_smem(src, dst, q_bar.at[wg])
+            copy_tile("q", "seg_q", rows, q_smem, qtab_smem, segq_smem, wg, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
 
             if rotary:
@@ -255,20 +261,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             def issue(j):
                 slot = lax.rem(j, stages)
                 keys = pl.ds(j * bk, bk)
-                copies = [
-                    (k_ref.at[b, keys, h, pl.ds(s, n)], k_smem[c].at[slot])
-                    for c, (s, n) in enumerate(chunks)
-                ]
-                if rotary:
-                    copies += [
-                        (refs["cos"].at[table_b, keys], ktab_smem[0].at[slot]),
-                        (refs["sin"].at[table_b, keys], ktab_smem[1].at[slot]),
-                    ]
-                if segmented:
-                    copies.append((refs["seg_k"].at[b, keys], segk_smem.at[slot]))
-                # One barrier per slot counts every copy of the tile (num_arrivals = len(copies)).
-                for src, dst in copies:
-                    plgpu.copy_gmem_to_smem(src, dst, k_bar.at[slot])
+                copy_tile("k", "seg_k", keys, k_smem, ktab_smem, segk_smem, slot, k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
 
             for j in range(stages):

@@ -20,12 +20,22 @@ def lowered_text(fn, *shapes, platform):
     return jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
 
 
+TRITON, TPU = TARGETS["cuda"][1], TARGETS["tpu"][1]
+
+
 @pytest.mark.parametrize(
-    "platform,head_dim,rotary_dim,segmented",
-    [("cuda", 128, 64, True), ("cuda", 256, 64, False), ("tpu", 128, 64, True)],
+    "backend,head_dim,rotary_dim,segmented,platform,kernels",
+    [
+        ("triton", 128, 64, True, "cuda", {TRITON: 3}),  # forward, dK/dV and dQ
+        ("triton", 256, 64, False, "cuda", {TRITON: 3}),
+        ("mosaic_tpu", 128, 64, True, "tpu", {TPU: 3}),
+        ("mosaic_gpu", 128, 64, True, "cuda", {MOSAIC_GPU_CALL: 1, TRITON: 2}),  # Hopper forward
+        ("mosaic_gpu", 256, 64, True, "cuda", {MOSAIC_GPU_CALL: 1, TRITON: 2}),
+    ],
 )
-def test_flash_attention_forward_and_backward_lower(platform, head_dim, rotary_dim, segmented):
-    backend, call_target = TARGETS[platform]
+def test_flash_attention_forward_and_backward_lower(
+    backend, head_dim, rotary_dim, segmented, platform, kernels
+):
     qkv = jax.ShapeDtypeStruct((2, 256, 4, head_dim), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
 
@@ -44,30 +54,7 @@ def test_flash_attention_forward_and_backward_lower(platform, head_dim, rotary_d
     text = lowered_text(
         jax.grad(loss, argnums=(0, 1, 2)), qkv, qkv, qkv, ids, ids, platform=platform
     )
-    assert text.count(call_target) >= 3  # forward, dK/dV and dQ kernels
-
-
-@pytest.mark.parametrize("head_dim,rotary_dim,segmented", [(128, 64, True), (256, 64, True)])
-def test_hopper_forward_lowers_with_triton_backward(head_dim, rotary_dim, segmented):
-    qkv = jax.ShapeDtypeStruct((2, 256, 4, head_dim), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
-
-    def loss(q, k, v, segment_ids, positions):
-        out = flash_attention(
-            q,
-            k,
-            v,
-            segment_ids=segment_ids if segmented else None,
-            positions=positions,
-            rotary_dim=rotary_dim,
-            backend="mosaic_gpu",
-            interpret=False,
-        )
-        return jnp.sum(out.astype(jnp.float32))
-
-    text = lowered_text(jax.grad(loss, argnums=(0, 1, 2)), qkv, qkv, qkv, ids, ids, platform="cuda")
-    assert text.count(MOSAIC_GPU_CALL) == 1  # the forward
-    assert text.count(TARGETS["cuda"][1]) == 2  # dK/dV and dQ
+    assert {target: text.count(target) for target in kernels} == kernels
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
