@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -154,10 +155,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             copy_tile("q", "seg_q", rows, q_smem, qtab_smem, segq_smem, wg, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
 
-            if rotary:
-                q1, q2 = q_smem[0].at[wg], q_smem[1].at[wg]
-                _rotate_into(regs, q1, q2, qtab_smem[0].at[wg], qtab_smem[1].at[wg], q1, q2)
-                plgpu.commit_smem()  # the rotated q is read by wgmma (the async proxy)
+            rotated_chunks(regs, plan, q_smem, qtab_smem, wg, None, None, in_place=True)
             seg_rows = None
             if segmented:
                 seg_rows = regs.load(segq_smem.at[wg], "rows")
@@ -173,40 +171,16 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                 acc, m, denom = carry
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                k_chunks = [k_smem[c].at[slot] for c in range(len(chunks))]
-                if rotary:
-                    _rotate_into(
-                        regs,
-                        k_chunks[0],
-                        k_chunks[1],
-                        ktab_smem[0].at[slot],
-                        ktab_smem[1].at[slot],
-                        kr_smem[0].at[wg],
-                        kr_smem[1].at[wg],
-                    )
-                    plgpu.commit_smem()
-                    k_chunks[:2] = [kr_smem[0].at[wg], kr_smem[1].at[wg]]
-
+                k_chunks = rotated_chunks(
+                    regs, plan, k_smem, ktab_smem, slot, kr_smem, wg, in_place=False
+                )
                 s = regs.matmul(
                     (bq, bk), [(q_smem[c].at[wg], k_chunks[c], True) for c in range(len(chunks))]
                 )
                 s = s * (plan.sm_scale * LOG2_E)
                 if masked:
-                    k_start = j * bk
-                    q_pos = q_start + regs.iota((bq, bk), 0)
-                    k_pos = k_start + regs.iota((bq, bk), 1)
-                    mask = None
-                    if plan.causal:
-                        mask = q_pos >= k_pos
-                    if kv_limit:
-                        real = k_pos < plan.seq_len
-                        mask = real if mask is None else jnp.logical_and(mask, real)
-                    if segmented:
-                        seg_cols = regs.load(segk_smem.at[slot], "columns")
-                        same = lax.broadcast_in_dim(seg_rows, (bq, bk), [0]) == (
-                            lax.broadcast_in_dim(seg_cols, (bq, bk), [1])
-                        )
-                        mask = same if mask is None else jnp.logical_and(mask, same)
+                    seg_cols = regs.load(segk_smem.at[slot], "columns") if segmented else None
+                    mask = visible(regs, plan, (bq, bk), q_start, j * bk, seg_rows, seg_cols)
                     s = jnp.where(mask, s, MASK_VALUE)
                 plgpu.barrier_arrive(k_free.at[slot])
 
@@ -221,15 +195,6 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
                 return acc, m_new, denom
 
-            def release(j, _):
-                # Tiles past this group's rows still pass through its slots: observe each phase of
-                # the slot's barriers (as every waiter must) and hand the slot back.
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-
             carry = (
                 regs.cast(jnp.zeros((bq, d), jnp.float32), "tile"),
                 regs.cast(jnp.full((bq,), MASK_VALUE, jnp.float32), "rows"),
@@ -237,7 +202,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             )
             carry = lax.fori_loop(0, split, functools.partial(step, masked=False), carry)
             carry = lax.fori_loop(split, steps, functools.partial(step, masked=True), carry)
-            lax.fori_loop(steps, program_steps, release, None)
+            pass_over(steps, program_steps, 0, stages, (k_bar, v_bar), (k_free, v_free))
             acc, m, denom = carry
 
             empty = m == MASK_VALUE  # the row saw no visible key
@@ -258,28 +223,12 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
         def _stream():
             plgpu.set_max_registers(TMA_REGISTERS, action="decrease")
 
-            def issue(j):
-                slot = lax.rem(j, stages)
+            def issue(j, slot):
                 keys = pl.ds(j * bk, bk)
                 copy_tile("k", "seg_k", keys, k_smem, ktab_smem, segk_smem, slot, k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
 
-            for j in range(stages):
-                pl.when(j < program_steps)(functools.partial(issue, jnp.int32(j)))
-
-            @pl.loop(stages, program_steps)
-            def _(j):
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                issue(j)
-
-            @pl.loop(jnp.maximum(program_steps - stages, 0), program_steps)
-            def _(j):
-                # Observe the last hand-backs too, so every barrier phase has been waited on.
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            stream(0, program_steps, stages, issue, (k_free, v_free))
 
     n_copies = len(chunks) + 2 * rotary + segmented  # TMA copies per q tile, and per k tile
     half = plan.rotary_dim // 2
@@ -357,6 +306,81 @@ class _Registers:
     def iota(self, shape: tuple[int, int], dimension: int) -> jax.Array:
         layout = None if self.interpret else self._layout("tile")
         return _plgpu().broadcasted_iota(jnp.int32, shape, dimension, layout=layout)
+
+
+def stream(begin, end, stages: int, issue: Callable, free: Sequence) -> None:
+    """The TMA warp group's loop: ``issue(j, slot)`` for tiles ``begin <= j < end`` into ring slot
+    ``(j - begin) % stages``, reusing a slot only once every compute group has freed it (``free``:
+    one barrier array per buffer kind); finally observe the last frees, so that every phase of every
+    barrier is waited on (Pallas' GPU interpreter checks that)."""
+    plgpu = _plgpu()
+    for i in range(stages):
+        pl.when(begin + i < end)(functools.partial(issue, begin + i, jnp.int32(i)))
+
+    def wait_free(j):
+        slot = lax.rem(j - begin, stages)
+        for barrier in free:
+            plgpu.barrier_wait(barrier.at[slot])
+        return slot
+
+    @pl.loop(begin + stages, end)
+    def _(j):
+        issue(j, wait_free(j))
+
+    @pl.loop(jnp.maximum(end - stages, begin), end)
+    def _(j):
+        wait_free(j)
+
+
+def pass_over(lo, hi, begin, stages: int, loaded: Sequence, free: Sequence) -> None:
+    """A compute group's turn on tiles ``lo <= j < hi`` that it has no use for: wait for each (every
+    waiter must observe each phase) and hand its slot back at once."""
+    plgpu = _plgpu()
+
+    def body(j, _):
+        slot = lax.rem(j - begin, stages)
+        for barrier in loaded:
+            plgpu.barrier_wait(barrier.at[slot])
+        for barrier in free:
+            plgpu.barrier_arrive(barrier.at[slot])
+
+    lax.fori_loop(lo, hi, body, None)
+
+
+def visible(regs: _Registers, plan: _Plan, shape, row_start, col_start, seg_rows, seg_cols, *,
+            transposed: bool = False):  # fmt: skip
+    """bool [rows, cols]: which (query, key) pairs of a tile may attend. Rows are queries and
+    columns keys, or the reverse when ``transposed``; seg_rows/seg_cols: ids in "rows"/"columns"
+    layout, or None. Keys past the sequence are masked when not causal (causal masks them anyway)."""
+    rows = row_start + regs.iota(shape, 0)
+    cols = col_start + regs.iota(shape, 1)
+    q_pos, k_pos = (cols, rows) if transposed else (rows, cols)
+    mask = None
+    if plan.causal:
+        mask = q_pos >= k_pos
+    elif plan.seq_len < plan.padded_len:
+        mask = k_pos < plan.seq_len
+    if seg_rows is not None:
+        same = lax.broadcast_in_dim(seg_rows, shape, [0]) == lax.broadcast_in_dim(
+            seg_cols, shape, [1]
+        )
+        mask = same if mask is None else jnp.logical_and(mask, same)
+    return jnp.ones(shape, jnp.bool_) if mask is None else mask
+
+
+def rotated_chunks(regs: _Registers, plan: _Plan, chunk_bufs, table_bufs, index, dst_bufs, dst_index,
+                   *, in_place: bool) -> list:  # fmt: skip
+    """Refs of one q/k tile's head-dim chunks (``chunk_bufs[c].at[index]``) with RoPE applied to the
+    first two: rotated in place, or into ``dst_bufs[0/1].at[dst_index]`` (a compute group's private
+    buffers, when the tile is shared). Fenced for wgmma, which reads through the async proxy."""
+    refs = [buf.at[index] for buf in chunk_bufs]
+    if not plan.rotary:
+        return refs
+    cos, sin = table_bufs[0].at[index], table_bufs[1].at[index]
+    dst = refs[:2] if in_place else [dst_bufs[0].at[dst_index], dst_bufs[1].at[dst_index]]
+    _rotate_into(regs, refs[0], refs[1], cos, sin, dst[0], dst[1])
+    _plgpu().commit_smem()
+    return dst + refs[2:]
 
 
 def _rotate_into(regs: _Registers, src1, src2, cos_ref, sin_ref, dst1, dst2) -> None:
