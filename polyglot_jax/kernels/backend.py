@@ -125,7 +125,7 @@ def pallas_call_by_name(
 
     return pl.pallas_call(
         kernel,
-        out_shape=[_varying_like(arrays[0], shape) for _, shape, _ in outputs],
+        out_shape=[varying_like(arrays[0], shape) for _, shape, _ in outputs],
         grid=grid,
         in_specs=in_specs,
         out_specs=[spec for _, _, spec in outputs],
@@ -139,7 +139,7 @@ def pallas_call_by_name(
     )(*arrays)
 
 
-def _varying_like(like: jax.Array, shape: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+def varying_like(like: jax.Array, shape: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     """``shape`` marked as varying over the same manual mesh axes as ``like``.
 
     ``shard_map(check_vma=True)`` requires pallas_call outputs to say how they vary; outside

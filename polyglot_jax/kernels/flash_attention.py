@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kernels import backend as backend_lib
 from polyglot_jax.kernels import flash_attention_hopper as hopper_lib
+from polyglot_jax.kernels import flash_attention_hopper_backward as hopper_backward
 from polyglot_jax.kernels import rotary
 
 # Finite, so exp2(s - m) stays NaN-free for a row that has seen no visible key yet; a real score
@@ -597,9 +598,7 @@ def _attention(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin):
 
 def _forward(plan: _Plan, q, k, v, seg_q, seg_k, cos, sin):
     if plan.hopper is not None:
-        return hopper_lib.forward(
-            plan, plan.hopper, q, k, v, seg_q, seg_k, cos, sin, interpret=plan.hopper_interpret
-        )
+        return hopper_lib.forward(plan, plan.hopper, q, k, v, seg_q, seg_k, cos, sin)
     return tuple(_forward_call(plan, q, k, v, seg_q, seg_k, cos, sin))
 
 
@@ -618,9 +617,11 @@ def _attention_bwd(plan: _Plan, residuals, cotangents):
     delta = rowdot[..., None] - dlse * LOG2_E
     # Empty rows (lse -inf) get +inf so that exp2(s - lse) is 0 there instead of inf.
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    dq, dk, dv = _backward_call(
-        plan, q, k, v, seg_q, seg_k, cos, sin, do.astype(q.dtype), lse, delta
-    )
+    args = (q, k, v, seg_q, seg_k, cos, sin, do.astype(q.dtype), lse, delta)
+    if plan.hopper is not None and hopper_backward.supported(plan):
+        dq, dk, dv = hopper_backward.backward(plan, plan.hopper, *args)
+    else:
+        dq, dk, dv = _backward_call(plan, *args)
     return dq, dk, dv, None, None, None, None
 
 

@@ -96,6 +96,40 @@ def _smem(plgpu, shape: tuple[int, ...], dtype, swizzled: bool):
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What a program works on: the kernel's GMEM refs by name, and its batch row and head."""
+
+    refs: dict
+    plan: _Plan
+    b: jax.Array
+    h: jax.Array
+
+    def copy_tile(self, name, seg_name, rows, chunk_bufs, table_bufs, seg_buf, index, barrier):
+        """TMA the ``rows`` of q or k (head-dim chunks, cos/sin rows, segment ids ``seg_name``) into
+        ``buffers[index]``. One barrier counts every copy (its num_arrivals = n_tile_copies)."""
+        refs, b, h = self.refs, self.b, self.h
+        copies = [
+            (refs[name].at[b, rows, h, pl.ds(start, size)], chunk_bufs[c].at[index])
+            for c, (start, size) in enumerate(self.plan.chunks)
+        ]
+        if self.plan.rotary:
+            table_b = b if self.plan.tables_batched else 0
+            copies += [
+                (refs["cos"].at[table_b, rows], table_bufs[0].at[index]),
+                (refs["sin"].at[table_b, rows], table_bufs[1].at[index]),
+            ]
+        if self.plan.segmented:
+            copies.append((refs[seg_name].at[b, rows], seg_buf.at[index]))
+        for src, dst in copies:
+            _plgpu().copy_gmem_to_smem(src, dst, barrier)
+
+
+def n_tile_copies(plan: _Plan) -> int:
+    """TMA copies ``Head.copy_tile`` makes for one tile."""
+    return len(plan.chunks) + 2 * plan.rotary + plan.segmented
+
+
 def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     plgpu = _plgpu()
     regs = _Registers(plan.hopper_interpret)
@@ -115,30 +149,13 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     # Causal programs near the end do the most work: launch them first.
     tile = n_programs - 1 - lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
-    table_b = b if plan.tables_batched else 0
     if plan.causal:
         program_end = tile * tiling.rows_per_program + tiling.rows_per_program
         program_steps = jnp.minimum(pl.cdiv(program_end, bk), n_real)
     else:
         program_steps = n_real
 
-    def copy_tile(name, seg_name, rows, chunk_bufs, table_bufs, seg_buf, index, barrier):
-        """TMA one q or k tile (head-dim chunks, cos/sin rows, segment ids) into buffers[index].
-
-        One barrier counts every copy of the tile (its num_arrivals is the number of copies)."""
-        copies = [
-            (refs[name].at[b, rows, h, pl.ds(start, size)], chunk_bufs[c].at[index])
-            for c, (start, size) in enumerate(chunks)
-        ]
-        if rotary:
-            copies += [
-                (refs["cos"].at[table_b, rows], table_bufs[0].at[index]),
-                (refs["sin"].at[table_b, rows], table_bufs[1].at[index]),
-            ]
-        if segmented:
-            copies.append((refs[seg_name].at[b, rows], seg_buf.at[index]))
-        for src, dst in copies:
-            plgpu.copy_gmem_to_smem(src, dst, barrier)
+    copy_tile = Head(refs, plan, b, h).copy_tile
 
     def body(scoped):
         q_smem, kr_smem, lse_smem, qtab_smem, segq_smem = scoped["compute"]
@@ -230,7 +247,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
             stream(0, program_steps, stages, issue, (k_free, v_free))
 
-    n_copies = len(chunks) + 2 * rotary + segmented  # TMA copies per q tile, and per k tile
+    n_copies = n_tile_copies(plan)
     half = plan.rotary_dim // 2
     g = tiling.groups
     compute = (
@@ -391,34 +408,59 @@ def _rotate_into(regs: _Registers, src1, src2, cos_ref, sin_ref, dst1, dst2) -> 
     dst2[...] = (x2 * cos + x1 * sin).astype(dst2.dtype)
 
 
-def forward(plan: _Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin, *, interpret: bool):
-    """(o [B, T, H, D] in q's dtype, base-2 logsumexp float32 [B, H, T, 1]) on padded bthd arrays.
-
-    seg_q/seg_k: int32 [B, T] or None; cos/sin: float32 [B or 1, T, rotary_dim // 2] or None.
-    """
+def launch(
+    kernel: Callable, plan: _Plan, tiling: HopperTiling, inputs: dict, out_type, grid_name: str
+):
+    """``plgpu.kernel`` over (heads, tiles, batch) with ``tiling.groups`` compute warp groups and a TMA
+    one. kernel(plan, tiling, names, *refs) gets the non-None inputs, then the outputs, by name."""
     plgpu = _plgpu()
-    inputs = {"q": q, "k": k, "v": v, "seg_q": seg_q, "seg_k": seg_k, "cos": cos, "sin": sin}
     names = [n for n, x in inputs.items() if x is not None]
-    b, t, h, d = q.shape
-    out_type = (
-        jax.ShapeDtypeStruct((b, t, h, d), q.dtype),
-        jax.ShapeDtypeStruct((b, h, t), jnp.float32),
-    )
+    out_names = list(out_type)
+    b, t, h, _ = inputs["q"].shape
     params = {}
-    if interpret:  # public from jax 0.11 on
+    if plan.hopper_interpret:  # public from jax 0.11 on
         params_cls = getattr(plgpu, "InterpretGPUParams", None)
         if params_cls is None:
             from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params_cls
 
         params["interpret"] = params_cls(detect_races=True, uninitialized_memory="nan")
-    o, lse = plgpu.kernel(
-        functools.partial(_kernel, plan, tiling, names + ["o", "lse"]),
-        out_type=out_type,
+    outs = plgpu.kernel(
+        functools.partial(kernel, plan, tiling, names + out_names),
+        out_type=tuple(out_type.values()),
         grid=(h, t // tiling.rows_per_program, b),
-        grid_names=("heads", "q_seq", "batch"),
+        grid_names=("heads", grid_name, "batch"),
         num_threads=tiling.groups + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **params,
     )(*(inputs[n] for n in names))
-    return o, lse[..., None]
+    return {n: _vary_like(inputs["q"], x) for n, x in zip(out_names, outs, strict=True)}
+
+
+def _vary_like(like: jax.Array, x: jax.Array) -> jax.Array:
+    """x marked as varying over every manual mesh axis ``like`` varies over (inside shard_map with
+    check_vma, plgpu.kernel's outputs carry no such type; custom_vjp insists on matching types)."""
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying_axes(x: jax.Array) -> set[str]:
+    aval = jax.typeof(x)
+    if hasattr(aval, "mat"):  # jax 0.10
+        return set(aval.mat.varying)
+    return set(getattr(aval, "vma", ()))
+
+
+def forward(plan: _Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin):
+    """(o [B, T, H, D] in q's dtype, base-2 logsumexp float32 [B, H, T, 1]) on padded bthd arrays.
+
+    seg_q/seg_k: int32 [B, T] or None; cos/sin: float32 [B or 1, T, rotary_dim // 2] or None.
+    """
+    b, t, h, d = q.shape
+    inputs = {"q": q, "k": k, "v": v, "seg_q": seg_q, "seg_k": seg_k, "cos": cos, "sin": sin}
+    out_type = {
+        "o": jax.ShapeDtypeStruct((b, t, h, d), q.dtype),
+        "lse": jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+    }
+    outs = launch(_kernel, plan, tiling, inputs, out_type, "q_seq")
+    return outs["o"], outs["lse"][..., None]

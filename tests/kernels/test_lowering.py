@@ -29,7 +29,9 @@ TRITON, TPU = TARGETS["cuda"][1], TARGETS["tpu"][1]
         ("triton", 128, 64, True, "cuda", {TRITON: 3}),  # forward, dK/dV and dQ
         ("triton", 256, 64, False, "cuda", {TRITON: 3}),
         ("mosaic_tpu", 128, 64, True, "tpu", {TPU: 3}),
-        ("mosaic_gpu", 128, 64, True, "cuda", {MOSAIC_GPU_CALL: 1, TRITON: 2}),  # Hopper forward
+        ("mosaic_gpu", 128, 64, True, "cuda", {MOSAIC_GPU_CALL: 3, TRITON: 0}),  # all Hopper
+        ("mosaic_gpu", 128, 0, False, "cuda", {MOSAIC_GPU_CALL: 3, TRITON: 0}),
+        # head_dim 256: Hopper forward, Triton backward (shared memory holds no more)
         ("mosaic_gpu", 256, 64, True, "cuda", {MOSAIC_GPU_CALL: 1, TRITON: 2}),
     ],
 )
