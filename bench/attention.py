@@ -7,11 +7,11 @@
 
 Attention: causal, bf16, 16 heads, head_dim 128 and 256, batch * seq = --tokens; forward and
 forward+backward TFLOP/s by the usual model-FLOP count (forward 4*B*H*T^2*D, halved when causal;
-backward 2.5x the forward). Implementations: this package's kernel (without and with fused RoPE, and
-with packed segments), the same with the Hopper (Mosaic GPU) forward, jax.nn.dot_product_attention's XLA and cuDNN paths, and XLA/cuDNN after a
-separate jnp RoPE (what the fused kernel replaces). RoPE: the standalone kernel's GB/s (bytes read and
-written) against XLA's fused jnp RoPE and against a plain XLA elementwise pass (the HBM bandwidth
-reached in practice). Imports only jax, numpy, the standard library and polyglot_jax.kernels.
+backward 2.5x the forward). Implementations: this package's kernels (without and with fused RoPE, and
+with packed segments), the same as Hopper (Mosaic GPU) kernels, jax.nn.dot_product_attention's XLA
+and cuDNN paths, and XLA/cuDNN after a separate jnp RoPE (what the fused kernel replaces). RoPE: the
+standalone kernel's GB/s (bytes read and written) against XLA's fused jnp RoPE and against a plain
+XLA elementwise pass (the HBM bandwidth reached in practice). Imports only jax, numpy, the standard library and polyglot_jax.kernels.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def attention_impls(interpret: bool):
         "pallas+rope+segments": lambda q, k, v, p, s: flash_attention(
             q, k, v, segment_ids=s, positions=p, rotary_dim=ROTARY_DIM, **kernel
         ),
-        # The Hopper forward (Mosaic GPU; H100 only, an error row elsewhere) + the Triton backward.
+        # The Hopper (Mosaic GPU) kernels: H100 only, an error row elsewhere.
         "pallas_hopper": lambda q, k, v, p, s: flash_attention(q, k, v, **hopper),
         "pallas_hopper+rope": lambda q, k, v, p, s: flash_attention(
             q, k, v, positions=p, rotary_dim=ROTARY_DIM, **hopper

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.rotary import apply_rope
 
-# pallas_hopper: the Pallas kernels with the Hopper (Mosaic GPU) forward; H100 only (GPU interpret
+# pallas_hopper: the Pallas kernels for Hopper (Mosaic GPU); H100 only (GPU interpret
 # mode on CPU, for tests).
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_hopper")
 

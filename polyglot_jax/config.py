@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-5  # HF layer_norm_eps (Flax's default 1e-6 would differ)
     c.model.param_dtype = "float32"  # master weights
     c.model.dtype = "bfloat16"  # compute dtype of matmuls and activations
-    # xla (reference) | cudnn | pallas (our kernels) | pallas_hopper (H100: Mosaic GPU forward)
+    # xla (reference) | cudnn | pallas (our kernels) | pallas_hopper (H100: Mosaic GPU kernels)
     c.model.attention_impl = "xla"
     c.model.scan_layers = True  # one compiled block scanned over layers: fast compiles at any depth
     c.model.remat_policy = (

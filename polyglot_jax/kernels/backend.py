@@ -3,7 +3,7 @@
 Lowerings: ``"triton"`` (NVIDIA GPUs, A100 and H100; deprecated upstream since jax 0.11, so every
 Triton-specific import lives in this module), ``"mosaic_tpu"`` (TPU), ``"interpret"`` (any device,
 the kernel body run as ordinary XLA ops; what the CPU tests use) and ``"mosaic_gpu"`` (Hopper only,
-never picked automatically: the flash-attention forward as a warp-specialised Mosaic GPU kernel; with
+never picked automatically: flash attention as warp-specialised Mosaic GPU kernels; with
 ``interpret=True`` it runs in Pallas' GPU interpret mode, which simulates shared memory, TMA and
 barriers on the CPU).
 """

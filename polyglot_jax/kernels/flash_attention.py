@@ -16,9 +16,9 @@ the largest tile; padded keys are masked where a real query could see them and p
 computed finitely and dropped. A row that sees no key at all (possible with ``kv_segment_ids``) gets
 output 0, logsumexp -inf and zero gradients, never NaN.
 
-Hopper: ``backend="mosaic_gpu"`` swaps the forward for the warp-specialised Mosaic GPU kernel in
-``flash_attention_hopper`` (TMA, wgmma); it writes the same output and logsumexp, so the backward
-kernels here serve it unchanged.
+Hopper: ``backend="mosaic_gpu"`` swaps these kernels for warp-specialised Mosaic GPU ones (TMA, wgmma)
+in ``flash_attention_hopper`` (forward) and ``flash_attention_hopper_backward`` (head_dim <= 128; at
+256 the backward stays the Triton kernels here, which take the same residuals).
 
 Layouts: arrays enter as ``[batch, seq, heads, head_dim]``. The Triton and interpret lowerings read that
 layout in place (strided tiles); Mosaic TPU needs the sequence in the second-minor position, so on TPU
@@ -136,10 +136,10 @@ class _Plan:
     segmented: bool
     tables_batched: bool  # cos/sin are [batch, T, rot/2] (else [1, T, rot/2], shared)
     tiling: Tiling
-    backend: str  # the lowering of the portable kernels (with a Hopper forward: the backward's)
+    backend: str  # the portable kernels' lowering (with hopper: of any backward kernel not Hopper)
     layout: str  # "bthd" or "bhtd"
     poison: bool
-    hopper: hopper_lib.HopperTiling | None = None  # forward by the Mosaic GPU kernel
+    hopper: hopper_lib.HopperTiling | None = None  # run the Mosaic GPU kernels
     hopper_interpret: bool = False  # ...run in Pallas' GPU interpret mode
 
     @property
@@ -714,7 +714,7 @@ def flash_attention_with_lse(
     lowering = backend_lib.resolve_backend(interpret, backend)
     hopper = hopper_interpret = None
     if lowering == "mosaic_gpu":
-        # Hopper forward; the backward runs the portable kernels (Triton, or interpret on CPU).
+        # Any portable kernel left (head_dim 256's backward) runs on Triton, or interpret on CPU.
         hopper_interpret = bool(interpret)  # like backend="triton": native unless asked
         lowering = "interpret" if hopper_interpret else "triton"
         hopper = hopper_lib.HopperTiling.default(d)
@@ -798,8 +798,8 @@ def flash_attention(
     sm_scale: default 1/sqrt(head_dim). interpret: None = interpret mode on CPU only. tiling: block sizes
     and Triton launch parameters (default ``Tiling.default``). backend: force a lowering
     ("triton", "mosaic_tpu", "interpret"), e.g. to lower for GPU from a CPU host; "mosaic_gpu" runs the
-    forward as the Hopper kernel of ``flash_attention_hopper`` (bfloat16/float16, head_dim a multiple
-    of 64; with interpret=True in Pallas' GPU interpret mode) and the backward as Triton kernels.
+    Hopper kernels of ``flash_attention_hopper`` (bfloat16/float16, head_dim a multiple of 64; with
+    interpret=True in Pallas' GPU interpret mode).
     poison_outputs: start every kernel output as NaN (a debugging aid that makes unwritten tiles
     visible).
 

@@ -1,7 +1,8 @@
 """The flash-attention forward for Hopper (sm_90) GPUs in Pallas Mosaic GPU: TMA, wgmma, warp groups.
 
 Same contract as the portable forward in ``flash_attention`` (causal, packed segments, fused partial
-RoPE, padded rows, empty rows give 0 and logsumexp -inf); the backward stays the portable kernels.
+RoPE, padded rows, empty rows give 0 and logsumexp -inf). Its backward is in
+``flash_attention_hopper_backward``; this module also holds the pieces both share.
 
 Structure (after FlashAttention-3 and jax's ``attention_mgpu`` example): a program owns
 ``groups * block_q`` query rows of one (batch, head). Each of its ``groups`` compute warp groups (two;
