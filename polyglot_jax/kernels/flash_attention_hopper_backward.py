@@ -68,12 +68,55 @@ def _store(plgpu, head: Head, name: str, rows, grads: list, chunk_bufs, index) -
         )
 
 
+def _side_buffers(plgpu, plan: _Plan, dtype, count: int, rows: int, queries: bool) -> tuple:
+    """Shared buffers for ``count`` tiles of ``rows`` rows of one side of attention: (head-dim
+    chunks, a full [rows, D] tile, lse, delta, cos/sin, segment ids). The full tile is dO on the
+    query side and V on the key side; lse/delta exist on the query side only."""
+    stat = lambda: plgpu.SMEM((count, rows), jnp.float32) if queries else None  # noqa: E731
+    return (
+        [_smem(plgpu, (count, rows, n), dtype, True) for _, n in plan.chunks],
+        _smem(plgpu, (count, rows, plan.head_dim), dtype, True),
+        stat(),
+        stat(),
+        [_smem(plgpu, (count, rows, plan.rotary_dim // 2), jnp.float32, True) for _ in range(2)]
+        if plan.rotary
+        else None,
+        plgpu.SMEM((count, rows), jnp.int32) if plan.segmented else None,
+    )
+
+
+def _side_copies(plan: _Plan, queries: bool) -> int:
+    """TMA copies ``_load_side`` makes for one tile: the tile, then dO, lse, delta or V."""
+    return n_tile_copies(plan) + (3 if queries else 1)
+
+
+def _load_side(plgpu, head: Head, bufs: tuple, rows, index, barrier, queries: bool) -> None:
+    """TMA one tile of a side (see ``_side_buffers``) into ``bufs[...].at[index]``."""
+    chunks, full, lse, delta, tables, seg = bufs
+    refs, b, h = head.refs, head.b, head.h
+    if queries:
+        head.copy_tile("q", "seg_q", rows, chunks, tables, seg, index, barrier)
+        plgpu.copy_gmem_to_smem(refs["do"].at[b, rows, h], full.at[index], barrier)
+        plgpu.copy_gmem_to_smem(refs["lse"].at[b, h, rows], lse.at[index], barrier)
+        plgpu.copy_gmem_to_smem(refs["delta"].at[b, h, rows], delta.at[index], barrier)
+    else:
+        head.copy_tile("k", "seg_k", rows, chunks, tables, seg, index, barrier)
+        plgpu.copy_gmem_to_smem(refs["v"].at[b, rows, h], full.at[index], barrier)
+
+
+def _private_halves(plgpu, plan: _Plan, dtype, groups: int, rows: int):
+    """Each compute group's buffers for the rotated halves of a streamed (shared) tile."""
+    if not plan.rotary:
+        return None
+    return [_smem(plgpu, (groups, rows, plan.rotary_dim // 2), dtype, True) for _ in range(2)]
+
+
 def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     """Program: ``groups`` query tiles of block_q rows; streams key tiles of block_k rows."""
     plgpu = _plgpu()
     regs = _Registers(plan.hopper_interpret)
     refs = dict(zip(names, refs, strict=True))
-    chunks, dtype, d = plan.chunks, refs["q"].dtype, plan.head_dim
+    chunks, dtype = plan.chunks, refs["q"].dtype
     bq, bk, stages, groups = tiling.block_q, tiling.block_k, tiling.stages, tiling.groups
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     head = Head(refs, plan, b, h)
@@ -85,19 +128,16 @@ def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     else:
         program_steps = n_real
 
-    def body(own, ring, q_bar, loaded, free):
-        q_smem, do_smem, lse_smem, delta_smem, qtab, segq, kr = own
-        k_smem, v_smem, ktab, segk = ring
+    def body(own, ring, kr, q_bar, loaded, free):
+        q_smem, do_smem, lse_smem, delta_smem, qtab, segq = own
+        k_smem, v_smem, _, _, ktab, segk = ring
 
         @pl.when(wg < groups)
         def _compute():
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             q_start = tile * tiling.rows_per_program + wg * bq
             rows = pl.ds(q_start, bq)
-            head.copy_tile("q", "seg_q", rows, q_smem, qtab, segq, wg, q_bar.at[wg])
-            plgpu.copy_gmem_to_smem(refs["do"].at[b, rows, h], do_smem.at[wg], q_bar.at[wg])
-            for name, buf in (("lse", lse_smem), ("delta", delta_smem)):
-                plgpu.copy_gmem_to_smem(refs[name].at[b, h, rows], buf.at[wg], q_bar.at[wg])
+            _load_side(plgpu, head, own, rows, wg, q_bar.at[wg], queries=True)
             plgpu.barrier_wait(q_bar.at[wg])
             q_chunks = rotated_chunks(regs, plan, q_smem, qtab, wg, None, None, in_place=True)
             lse_rows = regs.load(lse_smem.at[wg], "rows")
@@ -144,38 +184,17 @@ def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
             def issue(j, slot):
                 keys = pl.ds(j * bk, bk)
-                head.copy_tile("k", "seg_k", keys, k_smem, ktab, segk, slot, loaded.at[slot])
-                plgpu.copy_gmem_to_smem(refs["v"].at[b, keys, h], v_smem.at[slot], loaded.at[slot])
+                _load_side(plgpu, head, ring, keys, slot, loaded.at[slot], queries=False)
 
             stream(0, program_steps, stages, issue, (free,))
 
-    half = plan.rotary_dim // 2
-    own = (
-        [_smem(plgpu, (groups, bq, n), dtype, True) for _, n in chunks],
-        _smem(plgpu, (groups, bq, d), dtype, True),
-        plgpu.SMEM((groups, bq), jnp.float32),
-        plgpu.SMEM((groups, bq), jnp.float32),
-        [_smem(plgpu, (groups, bq, half), jnp.float32, True) for _ in range(2)]
-        if plan.rotary
-        else None,
-        plgpu.SMEM((groups, bq), jnp.int32) if plan.segmented else None,
-        [_smem(plgpu, (groups, bk, half), dtype, True) for _ in range(2)] if plan.rotary else None,
-    )
-    ring = (
-        [_smem(plgpu, (stages, bk, n), dtype, True) for _, n in chunks],
-        _smem(plgpu, (stages, bk, d), dtype, True),
-        [_smem(plgpu, (stages, bk, half), jnp.float32, True) for _ in range(2)]
-        if plan.rotary
-        else None,
-        plgpu.SMEM((stages, bk), jnp.int32) if plan.segmented else None,
-    )
-    n_copies = n_tile_copies(plan)
     pl.run_scoped(
         body,
-        own,
-        ring,
-        plgpu.Barrier(num_arrivals=n_copies + 3, num_barriers=groups),  # + do, lse, delta
-        plgpu.Barrier(num_arrivals=n_copies + 1, num_barriers=stages),  # + v
+        _side_buffers(plgpu, plan, dtype, groups, bq, queries=True),
+        _side_buffers(plgpu, plan, dtype, stages, bk, queries=False),
+        _private_halves(plgpu, plan, dtype, groups, bk),
+        plgpu.Barrier(num_arrivals=_side_copies(plan, True), num_barriers=groups),
+        plgpu.Barrier(num_arrivals=_side_copies(plan, False), num_barriers=stages),
         plgpu.Barrier(num_arrivals=groups, num_barriers=stages),
         collective_axes="wg",
     )
@@ -195,8 +214,8 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     n_real = pl.cdiv(plan.seq_len, bq)
     begin = lax.div(program_start, bq) if plan.causal else 0  # first query tile any group needs
 
-    def body(own, ring, k_bar, loaded, free):
-        k_smem, v_own, ktab, segk, qr = own
+    def body(own, ring, qr, k_bar, loaded, free):
+        k_smem, v_own, _, _, ktab, segk = own
         q_smem, do_smem, lse_smem, delta_smem, qtab, segq = ring
 
         @pl.when(wg < groups)
@@ -204,8 +223,7 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             k_start = program_start + wg * bk
             rows = pl.ds(k_start, bk)
-            head.copy_tile("k", "seg_k", rows, k_smem, ktab, segk, wg, k_bar.at[wg])
-            plgpu.copy_gmem_to_smem(refs["v"].at[b, rows, h], v_own.at[wg], k_bar.at[wg])
+            _load_side(plgpu, head, own, rows, wg, k_bar.at[wg], queries=False)
             plgpu.barrier_wait(k_bar.at[wg])
             k_chunks = rotated_chunks(regs, plan, k_smem, ktab, wg, None, None, in_place=True)
             seg_keys = regs.load(segk.at[wg], "rows") if plan.segmented else None
@@ -265,44 +283,17 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
             def issue(i, slot):
                 queries = pl.ds(i * bq, bq)
-                head.copy_tile("q", "seg_q", queries, q_smem, qtab, segq, slot, loaded.at[slot])
-                plgpu.copy_gmem_to_smem(
-                    refs["do"].at[b, queries, h], do_smem.at[slot], loaded.at[slot]
-                )
-                for name, buf in (("lse", lse_smem), ("delta", delta_smem)):
-                    plgpu.copy_gmem_to_smem(
-                        refs[name].at[b, h, queries], buf.at[slot], loaded.at[slot]
-                    )
+                _load_side(plgpu, head, ring, queries, slot, loaded.at[slot], queries=True)
 
             stream(begin, n_real, stages, issue, (free,))
 
-    half = plan.rotary_dim // 2
-    own = (
-        [_smem(plgpu, (groups, bk, n), dtype, True) for _, n in chunks],
-        _smem(plgpu, (groups, bk, d), dtype, True),
-        [_smem(plgpu, (groups, bk, half), jnp.float32, True) for _ in range(2)]
-        if plan.rotary
-        else None,
-        plgpu.SMEM((groups, bk), jnp.int32) if plan.segmented else None,
-        [_smem(plgpu, (groups, bq, half), dtype, True) for _ in range(2)] if plan.rotary else None,
-    )
-    ring = (
-        [_smem(plgpu, (stages, bq, n), dtype, True) for _, n in chunks],
-        _smem(plgpu, (stages, bq, d), dtype, True),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        plgpu.SMEM((stages, bq), jnp.float32),
-        [_smem(plgpu, (stages, bq, half), jnp.float32, True) for _ in range(2)]
-        if plan.rotary
-        else None,
-        plgpu.SMEM((stages, bq), jnp.int32) if plan.segmented else None,
-    )
-    n_copies = n_tile_copies(plan)
     pl.run_scoped(
         body,
-        own,
-        ring,
-        plgpu.Barrier(num_arrivals=n_copies + 1, num_barriers=groups),  # + v
-        plgpu.Barrier(num_arrivals=n_copies + 3, num_barriers=stages),  # + do, lse, delta
+        _side_buffers(plgpu, plan, dtype, groups, bk, queries=False),
+        _side_buffers(plgpu, plan, dtype, stages, bq, queries=True),
+        _private_halves(plgpu, plan, dtype, groups, bq),
+        plgpu.Barrier(num_arrivals=_side_copies(plan, False), num_barriers=groups),
+        plgpu.Barrier(num_arrivals=_side_copies(plan, True), num_barriers=stages),
         plgpu.Barrier(num_arrivals=groups, num_barriers=stages),
         collective_axes="wg",
     )
