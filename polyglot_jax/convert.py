@@ -592,8 +592,8 @@ def _random_batches(cfg: ModelConfig, batches: int, seq_len: int) -> list[np.nda
     return [rng.integers(0, cfg.vocab_size, (2, seq_len), dtype=np.int32) for _ in range(batches)]
 
 
-def _restore(workdir: pathlib.Path, step: int | None, cfg: ModelConfig, cast: np.dtype | None):
-    """Our params of `workdir` (whole, on the first device), optionally rounded through `cast`."""
+def load_params(workdir: str | os.PathLike, step: int | None, cfg: ModelConfig) -> Any:
+    """The params of `workdir`'s checkpoint `step` (latest when None), whole, on the first device."""
     import flax.linen as nn
     import jax
 
@@ -608,8 +608,6 @@ def _restore(workdir: pathlib.Path, step: int | None, cfg: ModelConfig, cast: np
     )
     _, step_dir = step_directory(workdir, step)
     params, _ = restore_params(step_dir, abstract)
-    if cast is not None:  # the weights the HF side holds: compare computation, not rounding
-        params = jax.tree.map(lambda p: np.asarray(p).astype(cast).astype(np.float32), params)
     return params
 
 
@@ -627,10 +625,15 @@ def verify_hf_against_workdir(
     `hf_weights_dtype` (the dtype `to_hf` wrote), our weights are first rounded to it, so that
     both sides hold the same numbers and the difference measures the conversion, not rounding.
     Loads both models whole."""
+    import jax
+
     hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
     cfg = ModelConfig.from_config(load_run_config(workdir).model)
     cast = OUTPUT_DTYPES[hf_weights_dtype] if hf_weights_dtype else None
     tokens = _random_batches(cfg, batches, seq_len)
     theirs = _hf_logits(hf_dir, tokens)
-    ours = _our_logits(_restore(workdir, step, cfg, cast), cfg, tokens)
+    params = load_params(workdir, step, cfg)
+    if cast is not None:  # the weights the HF side holds: compare computation, not rounding
+        params = jax.tree.map(lambda p: np.asarray(p).astype(cast).astype(np.float32), params)
+    ours = _our_logits(params, cfg, tokens)
     return max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs, strict=True))

@@ -93,24 +93,11 @@ def load_tokenizer_dir(path: pathlib.Path | None):
 
 def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None):
     """(model config, params, tokenizer dir or None) of a run's checkpoint (latest by default)."""
-    import flax.linen as nn
+    from polyglot_jax.convert import load_params, load_run_config, run_tokenizer
 
-    from polyglot_jax.checkpoint import restore_params
-    from polyglot_jax.convert import load_run_config, run_tokenizer, step_directory
-    from polyglot_jax.model import abstract_params
-
-    workdir = pathlib.Path(workdir)
     config = load_run_config(workdir)
     cfg = ModelConfig.from_config(config.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=device),
-        abstract_params(cfg),
-        is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
-    _, step_dir = step_directory(workdir, step)
-    params, _ = restore_params(step_dir, abstract)
-    return cfg, params, run_tokenizer(config, workdir)
+    return cfg, load_params(workdir, step, cfg), run_tokenizer(config, pathlib.Path(workdir))
 
 
 def load_from_hf(hf_dir: str | pathlib.Path):

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from polyglot_jax.checkpoint import Checkpointer
 from polyglot_jax.config import base_config
@@ -64,6 +66,21 @@ def test_to_hf_then_from_hf_with_verify(workdir, tmp_path):
     assert _verified_difference(out.stdout) <= 1e-4
     assert "step 3" in out.stdout
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+
+    # `generate --workdir` reads the same checkpoint: its greedy ids are transformers' on the export
+    prompt = [5, 17, 9]
+    gen = subprocess.run(
+        [sys.executable, "-m", "polyglot_jax", "generate", f"--workdir={workdir}", "--greedy",
+         "--prompt_ids=5,17,9", "--max_new_tokens=8", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(hf)
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None
+        )  # fmt: skip
+    assert json.loads(gen.stdout)["ids"] == want[0, len(prompt) :].tolist()
 
     back = tmp_path / "back"
     out = _run("from-hf", f"--hf={hf}", f"--out={back}", "--verify")
