@@ -8,8 +8,10 @@ Structure (after FlashAttention-3 and jax's ``attention_mgpu`` example): a progr
 ``groups * block_q`` query rows of one (batch, head). Each of its ``groups`` compute warp groups (two;
 one for head_dim 256, whose buffers leave no room for a second) owns ``block_q`` rows; one more warp
 group streams K/V tiles with TMA into a ring of ``stages`` shared-memory slots, each slot guarded by
-a "loaded" barrier (TMA → compute) and a "consumed" barrier (compute → TMA). Not yet tuned on
-hardware: no ping-pong between the compute groups, no softmax/wgmma overlap.
+a "loaded" barrier (TMA → compute) and a "consumed" barrier (compute → TMA). Two compute groups
+take turns on the tensor cores (FlashAttention-3's ping-pong): a shared "schedule" barrier lets one
+group's wgmmas run while the other does its softmax. The PV product accumulates straight into the
+output accumulator. Not yet timed on hardware.
 
 Fused RoPE without lane shuffles: TMA fetches q and k as head-dim chunks ``[0, r/2)``, ``[r/2, r)``,
 ``[r, D)`` into separate shared buffers, so each rotate-half pair sits at the same place of two
@@ -46,7 +48,8 @@ COMPUTE_REGISTERS, TMA_REGISTERS = 232, 40
 @dataclasses.dataclass(frozen=True)
 class HopperTiling:
     """block_q: query rows per compute warp group (a wgmma is 64 rows); block_k: key rows per TMA
-    tile; stages: K/V tiles in flight; groups: compute warp groups per program (1 or 2)."""
+    tile; stages: K/V tiles in flight; groups: compute warp groups per program (1 or 2; two take
+    turns on the tensor cores)."""
 
     block_q: int = 64
     block_k: int = 64
@@ -163,6 +166,13 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
         k_smem, v_smem, ktab_smem, segk_smem = scoped["ring"]
         q_bar, k_bar, v_bar = scoped["loaded"]
         k_free, v_free = scoped["consumed"]
+        turn = scoped["schedule"]
+
+        def take_turn():
+            """Ping-pong: both groups meet here, so each waits while the other's wgmmas run."""
+            if turn is not None:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
 
         @pl.when(wg < tiling.groups)
         def _compute():
@@ -193,7 +203,9 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                     regs, plan, k_smem, ktab_smem, slot, kr_smem, wg, in_place=False
                 )
                 s = regs.matmul(
-                    (bq, bk), [(q_smem[c].at[wg], k_chunks[c], True) for c in range(len(chunks))]
+                    (bq, bk),
+                    [(q_smem[c].at[wg], k_chunks[c], True) for c in range(len(chunks))],
+                    while_running=take_turn,
                 )
                 s = s * (plan.sm_scale * LOG2_E)
                 if masked:
@@ -206,11 +218,17 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 denom = denom * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = p.astype(dtype)
+                if turn is not None:  # the softmax is done: hand the tensor cores over
+                    acc, m_new, denom, p = lax.optimization_barrier((acc, m_new, denom, p))
+                    plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
+                if turn is not None:
+                    plgpu.barrier_wait(turn)
 
-                pv = regs.matmul((bq, d), [(p.astype(dtype), v_smem.at[slot], False)])
+                acc = regs.matmul((bq, d), [(p, v_smem.at[slot], False)], into=acc)
                 plgpu.barrier_arrive(v_free.at[slot])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
                 return acc, m_new, denom
 
             carry = (
@@ -218,9 +236,16 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                 regs.cast(jnp.full((bq,), MASK_VALUE, jnp.float32), "rows"),
                 regs.cast(jnp.zeros((bq,), jnp.float32), "rows"),
             )
+            # Group 1 starts half a step behind group 0; each takes two turns per tile, the tiles
+            # it passes over included, and group 0 one more at the end, so the counts match.
+            pl.when(wg == 1)(take_turn)
             carry = lax.fori_loop(0, split, functools.partial(step, masked=False), carry)
             carry = lax.fori_loop(split, steps, functools.partial(step, masked=True), carry)
-            pass_over(steps, program_steps, 0, stages, (k_bar, v_bar), (k_free, v_free))
+            pass_over(
+                steps, program_steps, 0, stages, (k_bar, v_bar), (k_free, v_free),
+                turns=lambda: (take_turn(), take_turn()),
+            )  # fmt: skip
+            pl.when(wg == 0)(take_turn)
             acc, m, denom = carry
 
             empty = m == MASK_VALUE  # the row saw no visible key
@@ -265,8 +290,8 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
         plgpu.SMEM((stages, bk), jnp.int32) if segmented else None,
     )
     pl.run_scoped(
-        lambda compute, ring, loaded, consumed: body(
-            {"compute": compute, "ring": ring, "loaded": loaded, "consumed": consumed}
+        lambda *scoped: body(
+            dict(zip(("compute", "ring", "loaded", "consumed", "schedule"), scoped, strict=True))
         ),
         compute,
         ring,
@@ -276,6 +301,7 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
             plgpu.Barrier(num_barriers=stages),
         ),
         (plgpu.Barrier(num_arrivals=g, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=g) if g == 2 else None,  # ping-pong turns
         collective_axes="wg",
     )
 
@@ -298,28 +324,42 @@ class _Registers:
     def load(self, ref, kind: str = "tile") -> jax.Array:
         return ref[...] if self.interpret else _plgpu().load(ref, (), layout=self._layout(kind))
 
-    def matmul(self, shape: tuple[int, int], terms: list[tuple]) -> jax.Array:
-        """float32 ``sum(a @ (b.T if transposed else b))`` over terms (a: ref or array, b: ref).
+    def matmul(self, shape: tuple[int, int], terms: list[tuple], *, into: jax.Array | None = None,
+               while_running: Callable[[], None] | None = None) -> jax.Array:  # fmt: skip
+        """float32 ``into + sum(a @ (b.T if transposed else b))`` over terms (a: ref or array, b:
+        ref; ``into`` defaults to zeros). ``while_running()`` runs after the wgmmas are issued and
+        before their result is awaited.
 
-        On the GPU: wgmmas into one accumulator, read once all have finished. The interpreter's
-        wgmma takes neither register operands nor transposed refs, so there it is a plain dot of
-        the same shared-memory contents: only the tensor-core instruction itself goes unsimulated.
+        On the GPU: wgmmas into one accumulator (``into`` itself, no second register tile). The
+        interpreter's wgmma takes neither register operands nor transposed refs, so there it is a
+        plain dot of the same shared-memory contents: only the tensor-core instruction itself goes
+        unsimulated.
         """
         if self.interpret:
-            total = jnp.zeros(shape, jnp.float32)
+            total = jnp.zeros(shape, jnp.float32) if into is None else into
             for a, b, transposed in terms:
                 a = a if isinstance(a, jax.Array) else a[...]
                 dims = (((1,), (1 if transposed else 0,)), ((), ()))
                 total += lax.dot_general(a, b[...], dims, preferred_element_type=jnp.float32)
+            if while_running is not None:
+                while_running()
             return total
         plgpu = _plgpu()
 
         def issue(acc_ref):
             for a, b, transposed in terms:
                 plgpu.wgmma(acc_ref, a, b.transpose((1, 0)) if transposed else b)
+            if while_running is not None:
+                while_running()
+
+        if into is not None:
+            return pl.run_state(issue)(plgpu.ACC.init(into))
+
+        def issue_and_read(acc_ref):
+            issue(acc_ref)
             return acc_ref[...]
 
-        return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32))
+        return pl.run_scoped(issue_and_read, plgpu.ACC(shape, jnp.float32))
 
     def iota(self, shape: tuple[int, int], dimension: int) -> jax.Array:
         layout = None if self.interpret else self._layout("tile")
@@ -350,9 +390,11 @@ def stream(begin, end, stages: int, issue: Callable, free: Sequence) -> None:
         wait_free(j)
 
 
-def pass_over(lo, hi, begin, stages: int, loaded: Sequence, free: Sequence) -> None:
+def pass_over(lo, hi, begin, stages: int, loaded: Sequence, free: Sequence,
+              turns: Callable[[], object] | None = None) -> None:  # fmt: skip
     """A compute group's turn on tiles ``lo <= j < hi`` that it has no use for: wait for each (every
-    waiter must observe each phase) and hand its slot back at once."""
+    waiter must observe each phase) and hand its slot back at once; ``turns()``, if given, takes
+    the schedule-barrier turns a real tile would have taken."""
     plgpu = _plgpu()
 
     def body(j, _):
@@ -361,6 +403,8 @@ def pass_over(lo, hi, begin, stages: int, loaded: Sequence, free: Sequence) -> N
             plgpu.barrier_wait(barrier.at[slot])
         for barrier in free:
             plgpu.barrier_arrive(barrier.at[slot])
+        if turns is not None:
+            turns()
 
     lax.fori_loop(lo, hi, body, None)
 
