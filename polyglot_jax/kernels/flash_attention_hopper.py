@@ -67,8 +67,9 @@ class HopperTiling:
         return self.groups * self.block_q
 
     def blocks(self) -> tuple[int, ...]:
-        """Sizes the padded sequence length must be a multiple of."""
-        return (self.rows_per_program, self.block_k)
+        """Sizes the padded sequence length must be a multiple of (the K/V stream's first
+        ``stages`` tiles are sliced statically, so they must lie inside the padded sequence)."""
+        return (self.rows_per_program, self.block_k * self.stages)
 
 
 def check(tiling: HopperTiling, dtype, head_dim: int, rotary_dim: int) -> None:
@@ -190,7 +191,8 @@ def _kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
             if plan.causal:
                 steps = jnp.minimum(pl.cdiv(q_start + bq, bk), n_real)
-                split = 0 if segmented else lax.div(q_start, bk)
+                # Tiles before `split` need no mask (none, for rows past the last real key).
+                split = 0 if segmented else jnp.minimum(lax.div(q_start, bk), steps)
             else:
                 steps = n_real
                 split = 0 if (segmented or kv_limit) else n_real

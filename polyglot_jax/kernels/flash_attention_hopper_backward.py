@@ -166,7 +166,7 @@ def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
 
             if plan.causal:
                 steps = jnp.minimum(pl.cdiv(q_start + bq, bk), n_real)
-                split = 0 if plan.segmented else lax.div(q_start, bk)
+                split = 0 if plan.segmented else jnp.minimum(lax.div(q_start, bk), steps)
             else:
                 steps = n_real
                 split = 0 if plan.segmented or plan.seq_len % bk else n_real
@@ -212,7 +212,8 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     head = Head(refs, plan, b, h)
     program_start = lax.axis_index("k_seq") * tiling.rows_per_program
     n_real = pl.cdiv(plan.seq_len, bq)
-    begin = lax.div(program_start, bq) if plan.causal else 0  # first query tile any group needs
+    # The first query tile any group needs (none, for key tiles past the last real query).
+    begin = jnp.minimum(lax.div(program_start, bq), n_real) if plan.causal else 0
 
     def body(own, ring, qr, k_bar, loaded, free):
         k_smem, v_own, _, _, ktab, segk = own
@@ -255,7 +256,7 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
                 plgpu.barrier_arrive(free.at[slot])
                 return dv, dks
 
-            first = lax.div(k_start, bq) if plan.causal else 0
+            first = jnp.minimum(lax.div(k_start, bq), n_real) if plan.causal else 0
             # Padded keys need no mask: each key's dK/dV depends on its own row alone.
             if plan.segmented:
                 split = end = n_real

@@ -7,10 +7,12 @@ portable backward kernels (interpret mode here, Triton on the GPU). Lowering for
 Mosaic GPU compiler passes, layouts, shared-memory budget) is checked in test_lowering.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import run_case
+from attention_reference import SMALL, run_case
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
 
 from polyglot_jax.errors import ConfigError
@@ -21,6 +23,8 @@ HOPPER = dict(backend="mosaic_gpu", interpret=True)
 
 @pytest.fixture
 def no_races():
+    """No data race. (A deadlock, a barrier waited on more often than it completes, hangs here as
+    on the GPU; pytest's faulthandler_timeout stops the run with every thread's stack.)"""
     gpu_interpret.reset_gpu_interpret_mode_state()
     yield
     assert not gpu_interpret.get_races().races_found, "the race detector saw a data race"
@@ -39,6 +43,22 @@ def no_races():
 @pytest.mark.usefixtures("no_races")
 def test_matches_reference(b, t, h, d, rot, causal, docs):
     run_case(b=b, t=t, h=h, d=d, rot=rot, causal=causal, docs=docs, dtype=jnp.bfloat16, **HOPPER)
+
+
+@pytest.mark.usefixtures("no_races")
+def test_tiles_wholly_past_the_sequence():
+    """A 256-row portable tile pads T=257 to 512, so whole Hopper tiles lie past the last real key
+    and query: their loops must skip the real tiles' masks and every stream wait must still pair up
+    with a copy (a deadlock otherwise)."""
+    tiling = dataclasses.replace(SMALL, block_q=256)
+    run_case(b=1, t=257, h=1, d=64, rot=32, causal=True, docs=0, dtype=jnp.bfloat16, tiling=tiling,
+             **HOPPER)  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_races")
+def test_head_dim_256_shorter_than_the_stream_ring():
+    """T=40 at head_dim 256: one 64-row K/V tile, while the stream's ring has two slots."""
+    run_case(b=1, t=40, h=1, d=256, rot=64, causal=True, docs=0, dtype=jnp.bfloat16, **HOPPER)
 
 
 @pytest.mark.usefixtures("no_races")
