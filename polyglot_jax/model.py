@@ -80,13 +80,19 @@ class ModelConfig:
             raise ConfigError(
                 f"config.model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
             )
-        if self.attention_impl == "pallas_hopper" and (
-            self.dtype not in ("bfloat16", "float16") or self.head_dim % 64 or self.rotary_dim % 32
-        ):
-            raise ConfigError(
-                "config.model.attention_impl='pallas_hopper' needs dtype bfloat16/float16, head_dim a "
-                f"multiple of 64, rotary_dim of 32; got {self.dtype}, {self.head_dim}, {self.rotary_dim}"
-            )
+        if self.attention_impl == "pallas_hopper":
+            from polyglot_jax.kernels.flash_attention_hopper import HEAD_DIMS, ROTARY_DIMS
+
+            if (
+                self.dtype not in ("bfloat16", "float16")
+                or self.head_dim not in HEAD_DIMS
+                or self.rotary_dim not in ROTARY_DIMS
+            ):
+                raise ConfigError(
+                    "config.model.attention_impl='pallas_hopper' needs dtype bfloat16/float16, "
+                    f"head_dim in {HEAD_DIMS}, rotary_dim in {ROTARY_DIMS}; got {self.dtype}, "
+                    f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}"
+                )
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(
                 f"config.model.remat_policy={self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}"

@@ -140,5 +140,7 @@ def test_pallas_hopper_refuses_float32_and_narrow_heads():
 
     with pytest.raises(ConfigError, match="pallas_hopper.*float32"):
         ModelConfig(128, 1, 128, 256, 2, 32, dtype="float32", attention_impl="pallas_hopper")
-    with pytest.raises(ConfigError, match="pallas_hopper.*multiple of 64"):
+    with pytest.raises(ConfigError, match="pallas_hopper.*head_dim=32"):
         ModelConfig(128, 1, 128, 256, 4, 16, dtype="bfloat16", attention_impl="pallas_hopper")
+    with pytest.raises(ConfigError, match="pallas_hopper.*rotary_dim=128"):
+        ModelConfig(128, 1, 128, 256, 1, 128, dtype="bfloat16", attention_impl="pallas_hopper")

@@ -72,17 +72,31 @@ class HopperTiling:
         return (self.rows_per_program, self.block_k * self.stages)
 
 
+# What the kernels take (lowering checks the rest): wgmma and TMA want 64-wide head-dim tiles, and the
+# private rotated-k buffers of rotary_dim 128 overflow the 227 KiB of shared memory.
+HEAD_DIMS = (64, 128, 256)
+ROTARY_DIMS = (0, 32, 64)
+
+
 def check(tiling: HopperTiling, dtype, head_dim: int, rotary_dim: int) -> None:
-    """Refuse, with one line, what the Hopper kernel cannot do (wgmma and TMA limits)."""
+    """Refuse, with one line, what the Hopper kernel cannot do (wgmma, TMA, shared-memory limits)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ConfigError(f"backend='mosaic_gpu' takes bfloat16 or float16 q/k/v, got {dtype}")
-    if head_dim % 64 or rotary_dim % 32 or tiling.block_q != 64 or tiling.block_k % 64:
+    if head_dim not in HEAD_DIMS or rotary_dim not in ROTARY_DIMS:
         raise ConfigError(
-            f"backend='mosaic_gpu' needs head_dim a multiple of 64 and rotary_dim of 32 "
-            f"(got {head_dim}, {rotary_dim}), block_q 64 and block_k a multiple of 64 ({tiling})"
+            f"backend='mosaic_gpu' takes head_dim in {HEAD_DIMS} and rotary_dim in {ROTARY_DIMS}, "
+            f"got head_dim={head_dim}, rotary_dim={rotary_dim}"
         )
-    if tiling.stages < 2 or tiling.groups not in (1, 2):
-        raise ConfigError(f"HopperTiling needs stages >= 2 and groups 1 or 2, got {tiling}")
+    if (
+        tiling.block_q != 64
+        or tiling.block_k % 64
+        or tiling.stages < 2
+        or tiling.groups not in (1, 2)
+    ):
+        raise ConfigError(
+            f"HopperTiling needs block_q 64, block_k a multiple of 64, stages >= 2 and groups 1 or 2, "
+            f"got {tiling}"
+        )
 
 
 def _plgpu():

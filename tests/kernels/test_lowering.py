@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from polyglot_jax.kernels import flash_attention, rope
+from polyglot_jax.kernels.flash_attention_hopper import HEAD_DIMS as HOPPER_HEAD_DIMS
+from polyglot_jax.kernels.flash_attention_hopper import ROTARY_DIMS as HOPPER_ROTARY_DIMS
 
 TARGETS = {"cuda": ("triton", "__gpu$xla.gpu.triton"), "tpu": ("mosaic_tpu", "tpu_custom_call")}
 MOSAIC_GPU_CALL = "mosaic_gpu_v2"
@@ -57,6 +59,26 @@ def test_flash_attention_forward_and_backward_lower(
         jax.grad(loss, argnums=(0, 1, 2)), qkv, qkv, qkv, ids, ids, platform=platform
     )
     assert {target: text.count(target) for target in kernels} == kernels
+
+
+@pytest.mark.parametrize(
+    "head_dim,rotary_dim",
+    [(d, r) for d in HOPPER_HEAD_DIMS for r in HOPPER_ROTARY_DIMS if r <= d],
+)
+def test_every_shape_the_hopper_kernels_accept_lowers(head_dim, rotary_dim):
+    """check() refuses up front exactly what would fail later (tile shapes, shared memory)."""
+    qkv = jax.ShapeDtypeStruct((1, 128, 2, head_dim), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+
+    def loss(q, k, v, segment_ids, positions):
+        out = flash_attention(
+            q, k, v, segment_ids=segment_ids, positions=positions, rotary_dim=rotary_dim,
+            backend="mosaic_gpu",
+        )  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = lowered_text(jax.grad(loss, argnums=(0, 1, 2)), qkv, qkv, qkv, ids, ids, platform="cuda")
+    assert text.count(MOSAIC_GPU_CALL) == (1 if head_dim == 256 else 3)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
