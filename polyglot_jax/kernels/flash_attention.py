@@ -636,6 +636,8 @@ def _check_inputs(q, k, v, segment_ids, kv_segment_ids, positions, rotary_dim: i
         raise InputError(f"q must be [batch, seq, heads, head_dim], got shape {q.shape}")
     if k.shape != q.shape or v.shape != q.shape:
         raise InputError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[3] == 0:
+        raise InputError(f"head_dim must be positive, got q shape {q.shape}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _FLOAT_DTYPES:
         raise InputError(
             f"q, k, v need one dtype of bfloat16/float16/float32, got {q.dtype}, "
@@ -711,6 +713,8 @@ def flash_attention_with_lse(
     """
     _check_inputs(q, k, v, segment_ids, kv_segment_ids, positions, rotary_dim)
     b, t, h, d = q.shape
+    if q.size == 0:  # no batch row, token or head: nothing to launch (a zero-size grid fails)
+        return jnp.zeros_like(q), jnp.zeros((b, h, t), jnp.float32)
     lowering = backend_lib.resolve_backend(interpret, backend)
     hopper = hopper_interpret = None
     if lowering == "mosaic_gpu":
@@ -798,8 +802,8 @@ def flash_attention(
     sm_scale: default 1/sqrt(head_dim). interpret: None = interpret mode on CPU only. tiling: block sizes
     and Triton launch parameters (default ``Tiling.default``). backend: force a lowering
     ("triton", "mosaic_tpu", "interpret"), e.g. to lower for GPU from a CPU host; "mosaic_gpu" runs the
-    Hopper kernels of ``flash_attention_hopper`` (bfloat16/float16, head_dim a multiple of 64; with
-    interpret=True in Pallas' GPU interpret mode).
+    Hopper kernels of ``flash_attention_hopper`` (bfloat16/float16, head_dim 64/128/256, rotary_dim
+    0/32/64; with interpret=True in Pallas' GPU interpret mode).
     poison_outputs: start every kernel output as NaN (a debugging aid that makes unwritten tiles
     visible).
 

@@ -137,7 +137,7 @@ def rope(
     if not backend_lib.is_power_of_two(block_t):
         raise ConfigError(f"block_t={block_t} must be a power of two")
     lowering = backend_lib.resolve_backend(interpret, backend)
-    if lowering == "triton" and not backend_lib.is_power_of_two(rotary_dim // 2):
+    if lowering == "triton" and rotary_dim and not backend_lib.is_power_of_two(rotary_dim // 2):
         raise ConfigError(
             f"the Triton lowering needs rotary_dim/2 a power of two, got {rotary_dim}"
         )
@@ -145,7 +145,7 @@ def rope(
         heads_per_program = h if lowering == "mosaic_tpu" else 1
     if heads_per_program not in (1, h):
         raise ConfigError(f"heads_per_program={heads_per_program} must be 1 or heads={h}")
-    if rotary_dim == 0:
+    if rotary_dim == 0 or x.size == 0:
         return x
     block_t = min(block_t, max(8, 1 << max(t - 1, 0).bit_length()))
     padded = -(-t // block_t) * block_t

@@ -12,7 +12,7 @@ import pytest
 from attention_reference import SMALL, Reference, packed_segments, run_case
 
 from polyglot_jax.errors import ConfigError, InputError
-from polyglot_jax.kernels import Tiling, flash_attention
+from polyglot_jax.kernels import Tiling, flash_attention, flash_attention_with_lse
 
 
 def test_reference_gradients_match_finite_differences():
@@ -67,6 +67,7 @@ def test_reference_gradients_match_finite_differences():
         (1, 130, 2, 128, 64, True, 4),  # rotary 64 of 128 (1.3B), packed documents
         (1, 67, 1, 256, 64, True, 3),  # rotary 64 of 256 (5.8B)
         (2, 100, 1, 128, 64, False, 3),  # non-causal: padded keys must be masked explicitly
+        (1, 75, 2, 64, 32, False, 0),  # non-causal without segments: only the padding masks
     ],
 )
 def test_float32_matches_reference(b, t, h, d, rot, causal, docs):
@@ -166,6 +167,18 @@ def test_output_matches_without_lse_variant_and_jnp_model_rope():
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(0, 8, 2, 64), (1, 0, 2, 64), (1, 8, 0, 64)])
+def test_empty_batch_sequence_or_heads_give_empty_results(shape):
+    """Like jax.nn.dot_product_attention: no rows, nothing to compute, empty outputs and grads."""
+    q = jnp.ones(shape, jnp.float32)
+    ids = jnp.zeros(shape[:2], jnp.int32)
+    (out, lse), pullback = jax.vjp(
+        lambda q, k, v: flash_attention_with_lse(q, k, v, segment_ids=ids, rotary_dim=32), q, q, q
+    )
+    assert out.shape == shape and lse.shape == (shape[0], shape[2], shape[1])
+    assert all(g.shape == shape for g in pullback((out, lse)))
+
+
 def test_bad_inputs_raise_named_errors():
     q = jnp.zeros((1, 8, 2, 128), jnp.float32)
     with pytest.raises(InputError, match="shapes differ"):
@@ -174,6 +187,8 @@ def test_bad_inputs_raise_named_errors():
         flash_attention(q, q, q, segment_ids=jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(InputError, match="dtype"):
         flash_attention(q.astype(jnp.int32), q, q)
+    with pytest.raises(InputError, match="head_dim must be positive"):
+        flash_attention(q[..., :0], q[..., :0], q[..., :0])
     with pytest.raises(ConfigError, match="rotary_dim"):
         flash_attention(q, q, q, rotary_dim=3)
     with pytest.raises(ConfigError, match="powers of two"):

@@ -111,6 +111,10 @@ def test_rotary_zero_is_identity_and_bad_inputs_raise():
     x = jnp.ones((1, 8, 2, 128), jnp.float32)
     positions = jnp.zeros((1, 8), jnp.int32)
     assert rope(x, positions, rotary_dim=0) is x
+    assert rope(x, positions, rotary_dim=0, backend="triton") is x
+    for empty in ((0, 8, 2, 128), (1, 0, 2, 128), (1, 8, 0, 128)):  # nothing to rotate
+        e = jnp.ones(empty, jnp.float32)
+        assert rope(e, jnp.zeros(empty[:2], jnp.int32), rotary_dim=64).shape == empty
     with pytest.raises(InputError, match="positions"):
         rope(x, jnp.zeros((1, 7), jnp.int32), rotary_dim=64)
     with pytest.raises(InputError, match="positions"):
