@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int | None:
         min_frequency=_MIN_FREQUENCY.value,
         num_workers=_NUM_WORKERS.value or os.cpu_count() or 1,
         overwrite=_OVERWRITE.value,
+        inputs=[*_INPUT.value, *files],
     )
     print(
         f"tokenizer: {result.path} ({result.vocab_size} ids, eos {result.eos_token}={result.eos_id})"

@@ -13,7 +13,9 @@ batches of documents to `workers` processes, which clean them and compute their 
 MinHash signature. Results come back in input order; the parent alone holds the dedup indexes
 (so the first occurrence across all inputs is the one kept) and writes the shards. At most
 `2 * workers` batches are in flight, so memory is bounded apart from the dedup indexes. This
-splits a single large input as well as many small ones.
+splits a single large input as well as many small ones. An input with bad records (truncated
+`.gz`/`.zst`, binary junk, broken JSON lines) gets one warning line on stderr, from the parent,
+naming the file and what was wrong; report.json counts them by reason.
 
 Output: `DIR/part-00000.jsonl`, ... (one `{"text": ...}` object per line, `shard_docs` per shard)
 and `DIR/report.json`, written into a temporary sibling directory renamed into place at the end.
@@ -27,23 +29,28 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
+from absl import logging
 
 from polyglot_jax.data.dedup import ExactIndex, MinHasher, NearDuplicateIndex, exact_key
 from polyglot_jax.data.markup import code_share, strip_html
 from polyglot_jax.data.pii import mask_pii
 from polyglot_jax.data.repetition import cap_repeats
-from polyglot_jax.data.sources import MAX_RECORD_BYTES, iter_records, list_input_files
+from polyglot_jax.data.sources import (
+    MAX_RECORD_BYTES,
+    iter_records,
+    list_input_files,
+    skip_summary,
+)
 from polyglot_jax.data.whitespace import normalize_spaces
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.output_dir import check_output, staged
 
 RULES = (
     "empty",
@@ -353,23 +360,40 @@ class _Tally:
 def _batches(
     files: Sequence[str], config: CleanConfig, tally: _Tally, progress: tqdm.tqdm
 ) -> Iterator[list[str]]:
-    """Batches of document texts in input order; bad records are counted in `tally`."""
+    """Batches of document texts in input order; bad records are counted in `tally`, and each
+    file that had any gets one warning line on stderr (from here, the parent: workers never
+    read inputs)."""
     batch: list[str] = []
     for path in files:
-        records = iter_records(path, config.field, max_record_bytes=config.max_record_bytes)
+        skipped: collections.Counter = collections.Counter()
+        stream_errors: list[str] = []
+        records = iter_records(
+            path,
+            config.field,
+            max_record_bytes=config.max_record_bytes,
+            stream_errors=stream_errors,
+        )
+        documents = 0
         for number, (text, reason) in enumerate(records, 1):
             tally.read += 1
             if text is None:
                 tally.skipped[reason] += 1
+                skipped[reason] += 1
                 if len(tally.examples) < tally.max_examples:
                     tally.examples.append({"file": path, "record": number, "reason": reason})
                 progress.update(1)
                 continue
+            documents += 1
             batch.append(text)
             if len(batch) == _BATCH_DOCS:
                 progress.update(len(batch))
                 yield batch
                 batch = []
+        if skipped:
+            # Clears the progress bar first, so that the warning is a line of its own.
+            with tqdm.tqdm.external_write_mode(file=sys.stderr):
+                error = stream_errors[0] if stream_errors else None
+                logging.warning("clean: %s", skip_summary(path, documents, skipped, error))
     if batch:
         progress.update(len(batch))
         yield batch
@@ -403,32 +427,9 @@ def _results(
                 future.cancel()
 
 
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise InputError(f"--output {output_dir}: exists and is not a directory")
-        if os.listdir(output_dir) and not overwrite:
-            raise InputError(f"--output {output_dir}: directory is not empty (pass --overwrite)")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    if not os.path.isdir(parent):
-        raise InputError(f"--output {output_dir}: parent directory {parent} does not exist")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(tmp_dir: str, output_dir: str) -> None:
-    """Moves `tmp_dir` to `output_dir`, replacing whatever was there only once it is complete."""
-    if os.path.exists(output_dir):
-        trash = tempfile.mkdtemp(prefix=".trash-", dir=os.path.dirname(os.path.abspath(output_dir)))
-        os.rename(output_dir, os.path.join(trash, "old"))
-        os.rename(tmp_dir, output_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp_dir, output_dir)
+def _existing_paths(specs: Sequence[str | os.PathLike]) -> list[str]:
+    """The input specs that name real paths (globs are checked through the files they expand to)."""
+    return [os.fspath(s) for s in specs if os.path.exists(s)]
 
 
 def clean_files(
@@ -451,23 +452,13 @@ def clean_files(
     files = list_input_files(inputs)
     if not files:
         raise InputError("clean: no input files given")
-    _prepare_output(output_dir, overwrite)
+    check_output(output_dir, [*_existing_paths(inputs), *files], overwrite=overwrite)
     workers = config.workers or os.cpu_count() or 1
-
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    tmp_dir = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-", dir=parent
-    )
-    try:
-        os.chmod(tmp_dir, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output is a normal dir
-        report = _run(files, tmp_dir, config, workers, progress)
-        with open(os.path.join(tmp_dir, "report.json"), "w", encoding="utf-8") as f:
+    with staged(output_dir) as tmp_dir:
+        report = _run(files, os.fspath(tmp_dir), config, workers, progress)
+        with open(tmp_dir / "report.json", "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)
             f.write("\n")
-        _replace_dir(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return report
 
 

@@ -8,7 +8,7 @@ Formats, chosen by the file name (after an optional `.gz` or `.zst` suffix):
 Everything streams line by line with bounded memory: a line (or `.txt` block) longer than
 `max_record_bytes` is skipped without being held in memory. Bad records never raise; they come out
 of `iter_records` as `(None, reason)` with a reason from `SKIP_REASONS`. Only a missing or unusable
-path raises `InputError`.
+path raises `InputError`. `skip_summary` words a file's skipped records as one line for the user.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO
 
 import zstandard
@@ -287,12 +287,14 @@ def iter_records(
     field: str = "text",
     *,
     max_record_bytes: int = MAX_RECORD_BYTES,
+    stream_errors: list[str] | None = None,
 ) -> Iterator[Record]:
     """Streams `(text, None)` for each document of `path` and `(None, reason)` for each bad record.
 
     `reason` is one of `SKIP_REASONS`. A damaged compressed stream ends the file with one
-    `(None, "corrupt_stream")` after the records read so far. InputError if `path` is missing,
-    is not a file, or has an unsupported name.
+    `(None, "corrupt_stream")` after the records read so far; the decompressor's message is
+    appended to `stream_errors` when given. InputError if `path` is missing, is not a file, or
+    has an unsupported name.
     """
     path = os.fspath(path)
     fmt, compression = input_format(path)
@@ -310,8 +312,33 @@ def iter_records(
             records = _txt_records(lines, max_record_bytes)
         try:
             yield from records
-        except _STREAM_ERRORS:
+        except _STREAM_ERRORS as e:
+            if stream_errors is not None:
+                stream_errors.append(str(e) or type(e).__name__)
             yield None, "corrupt_stream"
+
+
+def skip_summary(
+    path: str | os.PathLike,
+    documents: int,
+    skipped: Mapping[str, int],
+    stream_error: str | None = None,
+) -> str:
+    """One line naming `path` and what was wrong with it: `documents` read, `skipped` bad records
+    by reason, and whether (and with which `stream_error`) the compressed stream broke off."""
+    path = os.fspath(path)
+    line = f"{path}: {documents:,} document(s) read"
+    bad = {reason: n for reason, n in sorted(skipped.items()) if reason != "corrupt_stream" and n}
+    if bad:
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in bad.items())
+        line += f", {sum(bad.values()):,} bad record(s) skipped ({reasons})"
+    if skipped.get("corrupt_stream"):
+        _, compression = input_format(path)
+        line += (
+            f"; then the {compression} stream is truncated or damaged"
+            f" ({stream_error or 'corrupt_stream'}): the rest of the file is lost"
+        )
+    return line
 
 
 def iter_texts(

@@ -26,9 +26,7 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from absl import logging
@@ -36,6 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.output_dir import check_output, staged
 
 MORPHEME_BOUNDARY = "\u0cf1"
 PAD_TOKEN = "<pad>"
@@ -280,18 +279,19 @@ def train_tokenizer(
     num_workers: int = 1,
     overwrite: bool = False,
     show_progress: bool = True,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> LoadedTokenizer:
     """Trains the morpheme-aware byte-level BPE on `texts` and saves it to `output_dir`.
 
     `vocab_size` counts every id (7 specials + 256 bytes + merges). If the corpus runs out of pairs
     with at least `min_frequency` occurrences first, the vocab is smaller (a warning says so) and
     the trailing specials sit right after the last merge. The directory appears complete or not at
-    all; an existing one is replaced only with `overwrite`. Returns the loaded result."""
+    all; an existing one is replaced only with `overwrite`, and never when it is, contains or lies
+    inside one of `inputs` (the paths `texts` come from). Returns the loaded result."""
     if vocab_size < _MIN_VOCAB:
         raise ConfigError(f"vocab_size={vocab_size} is below the minimum {_MIN_VOCAB}")
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite and any(output_dir.iterdir()):
-        raise InputError(f"{output_dir}: exists and is not empty (pass overwrite to replace it)")
+    check_output(output_dir, inputs, overwrite=overwrite)
 
     tokenizer = _new_bpe_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -328,22 +328,6 @@ def train_tokenizer(
             got - 1,
         )
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
+    with staged(output_dir) as staging:
         _save_hf_directory(tokenizer, staging)
-        if output_dir.exists():
-            retired = Path(
-                tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent)
-            )
-            os.replace(output_dir, retired / "dir")
-            os.replace(staging, output_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return load_tokenizer(output_dir)

@@ -40,6 +40,15 @@ POSITIVES = [
     ("080-123-4567 수신자부담", f"{TEL} 수신자부담"),
     ("0505-123-4567", TEL),
     ("Tel.02-3456-7890", f"Tel.{TEL}"),
+    # no separator at all
+    ("0212345678", TEL),
+    ("021234567번", f"{TEL}번"),
+    ("0311234567", TEL),
+    ("문의 07012345678 로", f"문의 {TEL} 로"),
+    ("0801234567", TEL),
+    ("05051234567", TEL),
+    ("01612345678", TEL),
+    ("(02)12345678", TEL),
     # nationwide numbers
     ("고객센터 1588-1234", f"고객센터 {TEL}"),
     ("1577.1234", TEL),
@@ -52,6 +61,7 @@ POSITIVES = [
     ("+82 2 123 4567", TEL),
     ("+82 (0)10 1234 5678", TEL),
     ("(+82) 10-1234-5678", TEL),
+    ("+82-1012345678", TEL),
     ("+82-31-123-4567", TEL),
     # resident registration numbers (valid date, gender digit 1-8)
     ("주민번호 900101-1234567", f"주민번호 {RRN}"),
@@ -63,7 +73,15 @@ POSITIVES = [
     ("880705-5123456", RRN),  # foreigner, 1900s
     ("150101-7123456", RRN),  # foreigner, 2000s
     ("800101 - 1234567", RRN),
-    ("주민등록번호: 9001011234567", f"주민등록번호: {RRN}"),
+    ("주민등록번호: 9001011234567", f"주민등록번호: {RRN}"),  # keyword: no checksum needed
+    ("외국인등록번호 8807055123450", f"외국인등록번호 {RRN}"),
+    # no dash and no keyword: the check digit must hold
+    ("9001011234568", RRN),
+    ("본인 확인 8503152345678 입니다", f"본인 확인 {RRN} 입니다"),
+    ("번호는0102033123451이고", f"번호는{RRN}이고"),
+    ("9912314234567.", f"{RRN}."),
+    ("8807055123459", RRN),  # foreigner: check digit (13 - sum % 11) % 10
+    ("1501017123458", RRN),
     # account numbers: bank layouts
     ("123456-78-901234", ACC),
     ("110-123-456789", ACC),
@@ -81,6 +99,11 @@ POSITIVES = [
     ("입금 계좌 9876543210", f"입금 계좌 {ACC}"),
     ("우리 1002-12-3456789", f"우리 {ACC}"),
     ("1234567890123 (카카오뱅크)", f"{ACC} (카카오뱅크)"),
+    ("국민은행 12345678901", f"국민은행 {ACC}"),
+    ("우리은행 123456789012 예금주 홍길동", f"우리은행 {ACC} 예금주 홍길동"),
+    ("이체: 9876543210", f"이체: {ACC}"),
+    ("98765432109 (신한)", f"{ACC} (신한)"),
+    ("입금은 98765432101234 으로", f"입금은 {ACC} 으로"),
     # several in one text, kinds together, newlines kept
     (
         "이름: 홍길동\n전화 010-1234-5678\n주민 900101-1234567\n신한 110-123-456789",
@@ -88,6 +111,7 @@ POSITIVES = [
     ),
     ("010-1111-2222, 010-3333-4444", f"{TEL}, {TEL}"),
     ("입금 후 010-1234-5678로 문자", f"입금 후 {TEL}로 문자"),  # a phone stays a phone
+    ("입금 후 01012345678로 문자", f"입금 후 {TEL}로 문자"),
 ]
 
 NEAR_MISSES = [
@@ -138,7 +162,42 @@ NEAR_MISSES = [
     "901301-1234567",  # month 13
     "900101-9234567",  # gender digit 9
     "0101234",
-    "9001011234567",  # 13 digits with no RRN context
+    # phones: mixed separators, bad prefixes, no separator where one is required
+    "010-1234.5678",
+    "010.1234-5678",
+    "010 1234-5678",
+    "02-123.4567",
+    "031 123-4567",
+    "+82 10-1234.5678",
+    "0201234567",
+    "0131234567",
+    "0001234567",
+    "0505123456",
+    "010123456789",
+    "15881234",
+    # RRNs without a dash or keyword: check digit wrong, or not a clean 13-digit run
+    "9001011234567",  # 9001011234568 with the last digit changed
+    "8503152345670",
+    "8807055123450",  # foreigner, check digit of a citizen's number
+    "1704067200000",  # millisecond Unix time: 2017-04-06, G 7, but the check digit fails
+    "바코드 8801062123456",  # Korean EAN-13: 1988-01-06, G 2, but the check digit fails
+    "9791162241234",  # ISBN: month 91
+    "20240101123456",  # 14-digit timestamp
+    "19001011234568",  # a valid RRN inside 14 digits
+    "A9001011234568",
+    "9001011234568kg",
+    "9001011234568-1",
+    "ORD-9001011234568",
+    "9002301234563",  # February 30th
+    "4111111111111111",
+    # accounts: the same digits with no bank word nearby, or too few/many digits
+    "12345678901",
+    "번호 123456789012 개",
+    "98765432101234",
+    "신한\n12345678901",
+    "국민은행 본점 주소는 서울시 중구 어딘가 12345678901",
+    "계좌 123456789",
+    "계좌 123456789012345",
     "계좌 없음, 가격 12,345,678원",  # bank word but a price
     "우리 2023-01-15에 만나",  # bank-ish word but a date (8 digits)
 ]

@@ -14,6 +14,7 @@ from polyglot_jax.data.sources import (
     iter_records,
     iter_texts,
     list_input_files,
+    skip_summary,
 )
 from polyglot_jax.errors import InputError
 
@@ -139,6 +140,57 @@ def test_truncated_stream_keeps_what_was_read(tmp_path, suffix):
     assert records[-1] == (None, "corrupt_stream")
     texts = [t for t, _ in records[:-1]]
     assert 0 < len(texts) < 2000 and texts == [f"문서 {i} " * 20 for i in range(len(texts))]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "message"),
+    [
+        (".jsonl.gz", "Compressed file ended before the end-of-stream marker was reached"),
+        (".jsonl.zst", "zstd stream ends inside a frame"),
+    ],
+)
+def test_stream_errors_hold_the_decompressor_message(tmp_path, suffix, message):
+    path = _write(tmp_path / f"a{suffix}", b'{"text": "x"}\n' * 1000)
+    path.write_bytes(path.read_bytes()[:-8])
+    errors = []
+    assert list(iter_records(path, stream_errors=errors))[-1] == (None, "corrupt_stream")
+    assert errors == [message]
+    good = _write(tmp_path / f"b{suffix}", b'{"text": "x"}\n')
+    assert list(iter_records(good, stream_errors=errors)) == [("x", None)]
+    assert errors == [message]
+
+
+@pytest.mark.parametrize(
+    ("path", "documents", "skipped", "error", "line"),
+    [
+        (
+            "a.txt",
+            0,
+            {"binary": 2, "invalid_utf8": 1},
+            None,
+            "a.txt: 0 document(s) read, 3 bad record(s) skipped (binary 2, invalid_utf8 1)",
+        ),
+        (
+            "d/b.jsonl.gz",
+            1234,
+            {"corrupt_stream": 1},
+            "Not a gzipped file (b'{\"')",
+            "d/b.jsonl.gz: 1,234 document(s) read; then the gz stream is truncated or damaged "
+            "(Not a gzipped file (b'{\"')): the rest of the file is lost",
+        ),
+        (
+            "c.ndjson.zst",
+            5,
+            {"corrupt_stream": 1, "not_json": 2},
+            "zstd stream ends inside a frame",
+            "c.ndjson.zst: 5 document(s) read, 2 bad record(s) skipped (not_json 2); then the zst "
+            "stream is truncated or damaged (zstd stream ends inside a frame): the rest of the file "
+            "is lost",
+        ),
+    ],
+)
+def test_skip_summary(path, documents, skipped, error, line):
+    assert skip_summary(path, documents, collections.Counter(skipped), error) == line
 
 
 def test_concatenated_zstd_frames(tmp_path):
