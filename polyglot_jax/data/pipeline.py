@@ -9,6 +9,11 @@
 + fraction of the current one, for the corpus furthest through its data) and 'epochs' (float64
 [num_corpora], each corpus's own). `local_batch = global_batch_size // process_count`.
 
+An epoch is counted in records of this process's share: a record counts once all its tokens are
+in rows, a partly used one by the fraction of its tokens that are (the one a window stops in), a
+record read but not placed not at all. The value is exact at each window's end (a window of one
+epoch's data reports exactly 1.0, in both modes) and interpolated over the window's rows in between.
+
 Stages (each JAX process reads only its share):
 1. Records of each tokenized directory (`shards.py`: blocks of whole documents) are a grain
    `MapDataset` over ArrayRecord; this process keeps records `process_index::process_count`;
@@ -17,8 +22,10 @@ Stages (each JAX process reads only its share):
    *tokens*, turned into record proportions with each corpus's mean record size.
 3. Rows of `seq_len + 1` tokens are built a window of `shuffle_buffer` rows at a time (rounded up
    to a multiple of the local batch) and, with `shuffle`, emitted in a seeded random order:
-   - 'concat': contiguous chunks of the token stream (documents joined by their eos), the way
-     GPT-NeoX trained Polyglot-Ko;
+   - 'concat': contiguous, disjoint chunks of the token stream (documents joined by their eos).
+     GPT-NeoX, which trained Polyglot-Ko, overlaps consecutive rows by one token (row i is stream
+     tokens [i*seq_len, (i+1)*seq_len]); here row i is [i*(seq_len+1), (i+1)*(seq_len+1)), so
+     the stream advances seq_len + 1 per row and each row's first token is context only;
    - 'packed': whole documents placed first-fit into the window's rows (each into the first row
      with room; the window ends at the first document that fits in none). A document longer than
      a row is cut into row-sized pieces (one longer than a record was already cut where records
@@ -47,8 +54,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from polyglot_jax.data.shards import decode_record, read_manifest, shard_files
-from polyglot_jax.errors import ConfigError
+from polyglot_jax.data.shards import (
+    check_shards,
+    decode_record,
+    read_manifest,
+    shard_files,
+    unreadable_record_error,
+)
+from polyglot_jax.errors import ConfigError, InputError
 
 MODES = ("concat", "packed")
 BATCH_ARRAYS = ("tokens", "segment_ids", "positions")  # the per-row arrays; the rest is metadata
@@ -131,6 +144,37 @@ class _Tag:
         return self.corpus, index, record
 
 
+class _ShardSource:
+    """The records of one tokenized directory (grain's ArrayRecord source), with errors that name
+    the shard: a damaged shard is found when the pipeline is built (counts that disagree with
+    manifest.json) or, for damage inside a record, when that record is read."""
+
+    def __init__(self, directory: str, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        try:
+            self.source = grain.sources.ArrayRecordDataSource(shard_files(directory, manifest))
+            count = len(self.source)
+        except Exception as e:  # array_record's RuntimeError names neither file nor record
+            check_shards(directory, manifest)
+            raise InputError(f"{directory}: the shards cannot be opened ({e})") from e
+        if count != manifest["records"]:
+            check_shards(directory, manifest)  # names the shard whose count differs
+            raise InputError(
+                f"{directory}: the shards hold {count} records, manifest.json lists "
+                f"{manifest['records']}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self.source[index]
+        except Exception as e:
+            raise unreadable_record_error(self.directory, self.manifest, index, e) from e
+
+
 def record_stream(
     corpora: Sequence[Corpus],
     record_weights: Sequence[float],
@@ -143,8 +187,9 @@ def record_stream(
     """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`."""
     parts = []
     for c, corpus in enumerate(corpora):
-        source = grain.sources.ArrayRecordDataSource(shard_files(corpus.directory, corpus.manifest))
-        ds = grain.MapDataset.source(source)[process_index::process_count]
+        ds = grain.MapDataset.source(_ShardSource(corpus.directory, corpus.manifest))[
+            process_index::process_count
+        ]
         if shuffle:
             ds = ds.shuffle(seed=_corpus_seed(seed, c))
         parts.append(ds.repeat().map_with_index(_Tag(c)))
@@ -155,8 +200,9 @@ def record_stream(
 
 @dataclasses.dataclass(frozen=True)
 class _Position:
-    """A point in the record stream: record index, token offset in it, records consumed per
-    corpus before it (for epochs)."""
+    """A point in the record stream: record index, token offset in it, and per corpus the records
+    (of its repeated share) wholly before it, for epochs. Older saved states also counted the
+    record at the point once it was read; `_WindowBuilder.build` corrects that."""
 
     record: int
     offset: int
@@ -169,6 +215,9 @@ class _Window:
     order: np.ndarray  # emission order of the rows
     start: _Position
     end: _Position
+    # Records used per corpus (a partly used one by its fraction of tokens) at start and end.
+    start_used: np.ndarray
+    end_used: np.ndarray
 
 
 class _FirstFitRows:
@@ -228,52 +277,71 @@ class _WindowBuilder:
         self.process_index = process_index
         self.num_corpora = corpora
 
-    def _read(self, index: int, consumed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, index: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """(corpus, index in its repeated share, tokens, document starts) of record `index`."""
         corpus, in_share, data = self.records[index]
-        consumed[corpus] = max(consumed[corpus], in_share + 1)
-        return decode_record(data)
+        return (corpus, in_share, *decode_record(data))
+
+    def _used(self, consumed: list[int], partial: tuple[int, float] | None) -> np.ndarray:
+        used = np.asarray(consumed, np.float64)
+        if partial is not None:
+            used[partial[0]] += partial[1]
+        return used
 
     def build(self, start: _Position, window_index: int) -> _Window:
+        first = self._read(start.record)
+        corpus, in_share, tokens, _ = first
+        consumed = list(start.consumed)
+        # A corpus's records are numbered consecutively in the stream, so exactly `in_share` of
+        # them precede this one (this also corrects states that counted it when it was read).
+        consumed[corpus] = in_share
+        start_used = self._used(consumed, (corpus, start.offset / tokens.size))
         if self.mode == "concat":
-            arrays, end = self._concat(start)
+            arrays, end, partial = self._concat(start, first, consumed)
         else:
-            arrays, end = self._packed(start)
+            arrays, end, partial = self._packed(start, first, consumed)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.process_index, window_index])
             order = rng.permutation(self.rows)
         else:
             order = np.arange(self.rows)
-        return _Window(arrays, order, start, end)
+        end_used = self._used(consumed, partial)
+        return _Window(arrays, order, start, end, start_used, end_used)
 
-    def _concat(self, start: _Position):
+    def _concat(self, start: _Position, item, consumed: list[int]):
+        """Rows, the end position, and (corpus, fraction used) of the record it is inside."""
         need = self.rows * self.row_len
-        consumed = list(start.consumed)
         parts, have = [], 0
         record, offset = start.record, start.offset
         while True:
-            tokens, _ = self._read(record, consumed)
+            corpus, in_share, tokens, _ = item or self._read(record)
+            item = None
             take = min(tokens.size - offset, need - have)
             parts.append(tokens[offset : offset + take])
             have += take
             if offset + take < tokens.size:
                 offset += take
+                partial = (corpus, offset / tokens.size)
                 break
+            consumed[corpus] = in_share + 1
             record, offset = record + 1, 0
             if have == need:
+                partial = None  # the next record is not read
                 break
         tokens = np.concatenate(parts).astype(np.int32).reshape(self.rows, self.row_len)
-        return {"tokens": tokens}, _Position(record, offset, tuple(consumed))
+        return {"tokens": tokens}, _Position(record, offset, tuple(consumed)), partial
 
-    def _packed(self, start: _Position):
+    def _packed(self, start: _Position, item, consumed: list[int]):
+        """Like `_concat`; the window ends inside the record whose next piece fits nowhere."""
         rows, row_len = self.rows, self.row_len
-        consumed = list(start.consumed)
         free = _FirstFitRows(rows, row_len)
         segments = [0] * rows
         p_row, p_dst, p_src, p_len, p_seg = [], [], [], [], []
         stream, stream_len = [], 0
         record, offset = start.record, start.offset
         while True:
-            tokens, starts = self._read(record, consumed)
+            corpus, in_share, tokens, starts = item or self._read(record)
+            item = None
             base = stream_len - offset  # stream offset of tokens[0]
             stream.append(tokens[offset:])
             stream_len += tokens.size - offset
@@ -284,7 +352,8 @@ class _WindowBuilder:
                     r = free.first_fit(n)
                     if r < 0:  # fits nowhere: the window is full and ends here
                         arrays = self._packed_arrays(stream, p_row, p_dst, p_src, p_len, p_seg)
-                        return arrays, _Position(record, a, tuple(consumed))
+                        end = _Position(record, a, tuple(consumed))
+                        return arrays, end, (corpus, a / tokens.size)
                     segments[r] += 1
                     p_row.append(r)
                     p_dst.append(row_len - free.take(r, n))
@@ -292,6 +361,7 @@ class _WindowBuilder:
                     p_len.append(n)
                     p_seg.append(segments[r])
                     a += n
+            consumed[corpus] = in_share + 1  # every token of the record is placed
             record, offset = record + 1, 0
 
     def _packed_arrays(self, stream, p_row, p_dst, p_src, p_len, p_seg) -> dict[str, np.ndarray]:
@@ -332,13 +402,14 @@ class _SequenceIterator(grain.DatasetIterator):
         rows = window.order[self._row : self._row + ds.local_batch]
         batch = {k: v[rows] for k, v in window.arrays.items()}
         self._row += ds.local_batch
-        # Epoch progress interpolated over the window's rows (exact at window ends).
-        frac = self._row / ds.window_rows
-        consumed = np.add(
-            window.start.consumed,
-            frac * (np.asarray(window.end.consumed) - np.asarray(window.start.consumed)),
-        )
-        epochs = consumed / np.asarray(ds.shares, np.float64)
+        # Rows leave a window in shuffled order, so within one the progress is interpolated;
+        # at its end it is the exact count (not a + (b - a), which can miss b by an ulp).
+        if self._row == ds.window_rows:
+            used = window.end_used
+        else:
+            frac = self._row / ds.window_rows
+            used = window.start_used + frac * (window.end_used - window.start_used)
+        epochs = used / np.asarray(ds.shares, np.float64)
         batch["epochs"] = epochs
         batch["epoch"] = np.float64(epochs.max())
         if self._row == ds.window_rows:

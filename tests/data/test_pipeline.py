@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polyglot_jax.data.pipeline import (
@@ -40,7 +41,7 @@ from polyglot_jax.data.shards import (
 )
 from polyglot_jax.data.sources import iter_texts, list_input_files
 from polyglot_jax.data.tokenizer import load_tokenizer
-from polyglot_jax.errors import ConfigError
+from polyglot_jax.errors import ConfigError, InputError
 
 EOS = 1
 SPAN = 1000  # token = 2 + doc * SPAN + position: every token says which document and where
@@ -564,3 +565,177 @@ def test_nsmc_clean_train_tokenizer_tokenize_pipeline(shared_data, tmp_path):
                 assert tok.decode(seg[:-1]) in cleaned
                 segments += 1
     assert segments > 100
+
+
+# ------------------------------------------------------------------ exact epochs, damaged shards
+
+
+def write_unique_corpus(directory, lengths, *, first_id, block_tokens):
+    """A tokenized directory whose tokens are all distinct (first_id, first_id + 1, ...): every
+    emitted token says which record it came from. Returns the records as stored on disk."""
+    tokens = np.arange(first_id, first_id + sum(lengths), dtype=np.uint32)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = write_shard(directory / shard_name(0), tokens, np.array(lengths), block_tokens)
+    shard = {"file": shard_name(0), "documents": len(lengths), "tokens": tokens.size}
+    write_manifest(
+        directory,
+        {"format": FORMAT, "tokenizer_sha256": "synthetic", "eos_id": 0, "vocab_size": 1 << 30,
+         "token_dtype": "uint32", "block_tokens": block_tokens, "documents": len(lengths),
+         "tokens": tokens.size, "records": records, "shards": [shard | {"records": records}]},
+    )  # fmt: skip
+    reader = ArrayRecordReader(str(directory / shard_name(0)))
+    stored = [decode_record(r)[0] for r in reader.read_all()]
+    reader.close()
+    return stored
+
+
+class RecordsUsed:
+    """Brute force: per corpus, records whose tokens were emitted, a partly emitted one by the
+    fraction of its tokens emitted (so a record read but not placed counts nothing)."""
+
+    def __init__(self, corpora):
+        self.corpus, self.record, sizes = {}, {}, []
+        for c, records in enumerate(corpora):
+            for record in records:
+                for t in record.tolist():
+                    self.corpus[t], self.record[t] = c, len(sizes)
+                sizes.append(record.size)
+        self.sizes = np.array(sizes)
+        self.counts = np.zeros(len(sizes))
+        self.of = np.array([c for c, records in enumerate(corpora) for _ in records])
+        self.num_corpora = len(corpora)
+
+    def add(self, tokens):
+        for t in tokens[tokens != 0].tolist():  # 0: packing's padding, never a corpus token
+            self.counts[self.record[t]] += 1
+
+    def used(self):
+        fractions = self.counts / self.sizes
+        return np.array([fractions[self.of == c].sum() for c in range(self.num_corpora)])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("mode", ["concat", "packed"])
+def test_a_window_of_one_epoch_reports_exactly_one_epoch(tmp_path, mode, shuffle):
+    # 16 documents of 33 tokens, two per record: one 16 x 33 window is exactly the corpus, in
+    # both modes (each document fills a row when packed).
+    records = write_unique_corpus(tmp_path / "c", [33] * 16, first_id=1, block_tokens=66)
+    assert len(records) == 8
+    cfg = config(tmp_path / "c", mode=mode, shuffle=shuffle, shuffle_buffer=16, seed=3)
+    kwargs = dict(seq_len=32, global_batch_size=8, process_index=0, process_count=1)
+    it = make_pipeline(cfg, **kwargs)
+    batches = take(it, 4)  # two windows
+    window = np.concatenate([b["tokens"] for b in batches[:2]])
+    assert sorted(window.ravel().tolist()) == list(range(1, 16 * 33 + 1))  # one whole epoch
+    epochs = [float(b["epoch"]) for b in batches]
+    assert epochs[1] == 1.0 and epochs[3] == 2.0  # exact, not one record ahead (9/8)
+    assert 0.0 < epochs[0] < 1.0 < epochs[2] < 2.0
+    # Restored mid-window and at the window's end, the epochs stay exact; a state saved before
+    # this fix counted the record read but not placed (consumed + 1): it restores the same.
+    for skip in (1, 2):
+        first = make_pipeline(cfg, **kwargs)
+        take(first, skip)
+        state = first.get_state()
+        before_fix = dict(state, consumed=[c + 1 for c in state["consumed"]])
+        for saved in (state, before_fix):
+            restored = make_pipeline(cfg, **kwargs)
+            restored.set_state(saved)
+            assert [float(b["epoch"]) for b in take(restored, 4 - skip)] == epochs[skip:]
+
+
+@pytest.mark.parametrize("mode", ["concat", "packed"])
+def test_epochs_at_window_ends_count_the_tokens_placed(tmp_path, mode):
+    rng = np.random.default_rng(4)
+    a = write_unique_corpus(
+        tmp_path / "a", rng.integers(1, 150, 120).tolist(), first_id=1, block_tokens=64
+    )
+    b = write_unique_corpus(
+        tmp_path / "b", rng.integers(1, 60, 150).tolist(), first_id=100_000, block_tokens=200
+    )
+    shares = np.array([len(range(1, len(a), 2)), len(range(1, len(b), 2))])
+    # One batch per window, so every batch ends a window and its epochs are exact.
+    cfg = config(tmp_path / "a", tmp_path / "b", mode=mode, weights=(3.0, 1.0), shuffle_buffer=8)
+    kwargs = dict(seq_len=32, global_batch_size=16, process_index=1, process_count=2)
+    it = make_pipeline(cfg, **kwargs)
+    reference = RecordsUsed([a, b])
+    fractional = 0
+    for step in range(1, 200):
+        if step == 60:  # and across a checkpoint of the iterator
+            state = it.get_state()
+            it = make_pipeline(cfg, **kwargs)
+            it.set_state(state)
+        batch = next(it)
+        reference.add(batch["tokens"].ravel())
+        want = reference.used() / shares
+        np.testing.assert_allclose(batch["epochs"], want, rtol=1e-12, atol=0)
+        assert batch["epoch"] == batch["epochs"].max()
+        fractional += bool(np.any(np.abs(want * shares - np.round(want * shares)) > 1e-9))
+    assert batch["epoch"] > 2.0
+    assert fractional > 100  # most windows end inside a record
+
+
+def copy_corpus(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_a_truncated_shard_is_named_when_the_pipeline_is_built(small, tmp_path):
+    root, _ = small
+    manifest = read_manifest(root)
+    assert len(manifest["shards"]) > 2
+    broken = copy_corpus(root, tmp_path / "tokens")
+    shard = broken / shard_name(1)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    docs = manifest["shards"][0]["documents"], manifest["shards"][1]["documents"]
+    n = manifest["shards"][1]["records"]
+    with pytest.raises(InputError) as e:
+        make_pipeline(config(broken), seq_len=32, global_batch_size=8, process_index=0,
+                      process_count=1)  # fmt: skip
+    message = str(e.value)
+    assert message.startswith(f"{shard}: truncated or damaged ArrayRecord shard")
+    assert f"none of its {n} records (documents {docs[0]}-{docs[0] + docs[1] - 1} of" in message
+    assert "delete it and shard-00001.json" in message
+    # A shard holding fewer records than manifest.json lists: the missing ones are named.
+    kept = 3
+    reader = ArrayRecordReader(str(root / shard_name(1)))
+    head = reader.read(list(range(kept)))
+    reader.close()
+    shard.unlink()
+    writer = ArrayRecordWriter(str(shard), "group_size:1")
+    for record in head:
+        writer.write(record)
+    writer.close()
+    with pytest.raises(InputError, match=rf"holds {kept} records but manifest.json lists {n}, so "
+                       rf"records from index {kept} on"):  # fmt: skip
+        make_pipeline(config(broken), seq_len=32, global_batch_size=8, process_index=0,
+                      process_count=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_damaged_record_is_named_when_it_is_read(small, tmp_path, prefetch):
+    root, _ = small
+    broken = copy_corpus(root, tmp_path / "tokens")
+    shard = broken / shard_name(0)
+    data = bytearray(shard.read_bytes())
+    data[1000:1008] = b"\xff" * 8  # inside a record's chunk; the index at the end is intact
+    shard.write_bytes(bytes(data))
+    reader = ArrayRecordReader(str(shard))
+    assert reader.ok() and reader.num_records() == read_manifest(root)["shards"][0]["records"]
+    bad = []
+    for i in range(reader.num_records()):  # brute force: which records can no longer be read
+        try:
+            reader.read([i])
+        except RuntimeError:
+            bad.append(i)
+    assert bad
+    it = make_pipeline(  # built fine: the damage is only found by reading that record
+        config(broken, shuffle=False, prefetch=prefetch), seq_len=32, global_batch_size=8,
+        process_index=0, process_count=1,
+    )  # fmt: skip
+    with pytest.raises(
+        InputError, match=rf"{shard_name(0)}: record {bad[0]} of \d+ cannot be read"
+    ):
+        for _ in range(200):  # unshuffled: records in order, so the first damaged one is hit
+            next(it)
