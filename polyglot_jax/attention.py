@@ -19,6 +19,26 @@ from polyglot_jax.rotary import apply_rope
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_hopper")
 
 
+def check_attention_backend(impl: str, device: jax.Device | None = None) -> None:
+    """ConfigError unless `device` (default: this process's first device) can run `impl`:
+    cudnn needs an NVIDIA (CUDA) GPU, pallas_hopper an sm_90 (Hopper) GPU for its wgmma/TMA
+    kernels. The run entry points call this with the real device; the kernels themselves do not
+    check, so that tests can run pallas_hopper in Pallas' GPU interpret mode on CPU."""
+    if impl not in ("cudnn", "pallas_hopper"):
+        return
+    device = jax.devices()[0] if device is None else device
+    cuda = device.platform == "gpu" and "cuda" in str(device.client.platform_version).lower()
+    capability = str(getattr(device, "compute_capability", "")) if cuda else ""
+    found = f"this run's backend is {device.platform} ({device.device_kind}"
+    found += f", sm_{capability.replace('.', '')})" if capability else ")"
+    if impl == "cudnn" and not cuda:
+        raise ConfigError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU; {found}")
+    if impl == "pallas_hopper" and capability.split(".")[0] != "9":
+        raise ConfigError(
+            f"config.model.attention_impl='pallas_hopper' needs an sm_90 (Hopper) GPU; {found}"
+        )
+
+
 def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
     """bool [batch or 1, 1, q_len, kv_len]: key j is visible to query i iff j <= i (and same segment)."""
     mask = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)[None, None]

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from polyglot_jax.errors import InputError
+from polyglot_jax.errors import ConfigError, InputError
 
 
 class _IteratorSnapshot:
@@ -30,6 +31,63 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
+
+
+# What reading a damaged checkpoint raises: a missing file (OSError), garbled JSON or TensorStore
+# data (ValueError), a missing key in its metadata (KeyError), a short read (EOFError).
+UNREADABLE = (OSError, ValueError, KeyError, EOFError)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, cut short (TensorStore's carry a long JSON spec)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _path_key(path: tuple) -> str:
+    """`mu/layers/attention/qkv_kernel`, whatever the key types (dict, sequence, attribute)."""
+    names = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return "/".join(names)
+
+
+def saved_shapes(item_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """`{path: shape}` of the arrays in one saved item, read from its metadata (no array data)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
+    flat = jax.tree_util.tree_flatten_with_path(metadata)[0]
+    return {_path_key(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def check_fits(
+    step_dir: pathlib.Path, item: str, saved: dict, abstract: Any, hint: str | None = None
+) -> None:
+    """ConfigError naming the first arrays whose saved shape differs from the new config's."""
+    wanted = {
+        _path_key(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
+    if saved == wanted:
+        return
+    diffs = [
+        f"{k} saved {saved.get(k, 'absent')}, now {wanted.get(k, 'absent')}"
+        for k in sorted(saved.keys() | wanted.keys())
+        if saved.get(k) != wanted.get(k)
+    ]
+    raise ConfigError(
+        f"checkpoint {step_dir} was made with another model or optimizer config ({item}: "
+        f"{'; '.join(diffs[:3])}{f' and {len(diffs) - 3} more' if len(diffs) > 3 else ''}); "
+        + (
+            hint
+            or "resume with the old config, use a new --workdir, or seed one with "
+            f"--config.train.init_from={step_dir.parent.parent}"
+        )
+    )
 
 
 class Checkpointer:
@@ -52,6 +110,14 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    @staticmethod
+    def steps_in(workdir: str | pathlib.Path) -> list[int]:
+        """Finished checkpoint steps of a workdir, without opening (or creating) anything."""
+        root = pathlib.Path(workdir) / "checkpoints"
+        if not root.is_dir():
+            return []
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
@@ -73,8 +139,21 @@ class Checkpointer:
 
         `abstract_*` are trees of `jax.ShapeDtypeStruct` with the target shardings. The data
         iterator, when given, is set to the saved position in place.
+
+        A checkpoint whose files cannot be read (missing, truncated, garbled) is moved to
+        `corrupt_checkpoints/` and the previous one is tried. A readable one whose arrays do not
+        fit the abstract trees is a ConfigError, and so is a data iterator state that does not fit
+        the pipeline: nothing is moved then.
         """
         for step in reversed(self.steps()):
+            step_dir = self.directory / str(step)
+            try:
+                saved = {item: saved_shapes(step_dir / item) for item in ("params", "opt_state")}
+            except UNREADABLE as e:
+                self._fall_back(step, e)
+                continue
+            check_fits(step_dir, "params", saved["params"], abstract_params)
+            check_fits(step_dir, "opt_state", saved["opt_state"], abstract_opt_state)
             items = {
                 "params": ocp.args.StandardRestore(abstract_params),
                 "opt_state": ocp.args.StandardRestore(abstract_opt_state),
@@ -83,19 +162,22 @@ class Checkpointer:
                 items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back, say why
-                aside = self._set_aside(step)
-                logging.warning(
-                    "checkpoint %s/%d cannot be restored (%s: %s); moved to %s, falling back to the previous one",
-                    self.directory,
-                    step,
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
-                    aside,
-                )
+            except UNREADABLE as e:  # shapes fit (checked above): the array data is damaged
+                self._fall_back(step, e)
                 continue
             return step, restored["params"], restored["opt_state"]
         return None
+
+    def _fall_back(self, step: int, error: BaseException) -> None:
+        aside = self._set_aside(step)
+        logging.warning(
+            "checkpoint %s/%d cannot be restored (%s: %s); moved to %s, falling back to the previous one",
+            self.directory,
+            step,
+            type(error).__name__,
+            first_line(error),
+            aside,
+        )
 
     def _set_aside(self, step: int) -> pathlib.Path:
         """Moves an unreadable checkpoint out of the way (kept for inspection, never reused)."""
@@ -140,12 +222,26 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
     if not candidates:
         raise InputError(f"no checkpoint with params under {path}")
     for root, step in candidates:
+        step_dir = root / str(step)
+        try:
+            saved = saved_shapes(step_dir / "params")
+        except UNREADABLE as e:
+            logging.warning("checkpoint %s cannot be read (%s); trying an older one", step_dir, e)
+            continue
+        check_fits(step_dir, "params", saved, abstract_params, "config.model must match it")
         try:
             with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(root / str(step) / "params", abstract_params)
-            return params, root / str(step)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try an older one
+                params = checkpointer.restore(step_dir / "params", abstract_params)
+            return params, step_dir
+        except UNREADABLE as e:
             logging.warning(
-                "checkpoint %s/%d cannot be restored (%s); trying an older one", root, step, e
+                "checkpoint %s cannot be restored (%s); trying an older one",
+                step_dir,
+                first_line(e),
             )
+    if path.name.isdigit() and (path / "params").is_dir():  # a step directory was named
+        root, step = candidates[0]
+        older = [s for _, s in _candidate_steps(root) if s < step]
+        hint = f"; the previous one is step {older[0]} (--step={older[0]})" if older else ""
+        raise InputError(f"checkpoint {root / str(step)} cannot be read{hint}")
     raise InputError(f"no readable checkpoint under {path}")

@@ -6,15 +6,25 @@ passes `arg` (a variant), and `--config.a.b=v` overrides any field (ml_collectio
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import math
+import numbers
 import pathlib
+import traceback
+from typing import Any
 
 import ml_collections
+from absl import logging
 
 from polyglot_jax.data.pipeline import default_data_config
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.model import ModelConfig
-from polyglot_jax.partitioning import check_divisibility, resolve_mesh_shape
+from polyglot_jax.optimizer import DECAYS
+from polyglot_jax.partitioning import axis_size, check_divisibility, resolve_mesh_shape
+
+# jax.random.key keeps 32 bits of the seed without x64: 2**32 would silently equal 0.
+SEED_LIMIT = 2**32
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_every = 0  # ...plus every M-th step for good (0: none)
     c.train.async_checkpoints = True  # write checkpoints in the background
     c.train.init_from = ""  # workdir/checkpoint whose params seed a new run (continued pretraining)
+    # Resume a workdir although the data, batch, optimizer or schedule settings changed (a warning
+    # lists them; changed data starts from its beginning). Model shapes can never change.
+    c.train.allow_config_change = False
     c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up in flops.py
     c.train.profile_steps = (0, 0)  # (first step, count): jax.profiler trace into workdir/profile
     c.train.spike_threshold = 0.5  # warn when the loss rises 50% above its running average...
@@ -101,17 +114,176 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/config.py` or `path/to/config.py:arg` (what `--config=` takes)."""
+    """Loads `path/to/config.py` or `path/to/config.py:arg` (what `--config=` takes).
+
+    Anything wrong with the file is one InputError `path:line: Type: message`."""
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file():
         raise InputError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_polyglot_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise InputError(f"config file {path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"_polyglot_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise InputError(f"config file {path} defines no get_config()")
+        config = module.get_config(arg) if arg else module.get_config()
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file raises becomes one line naming it
+        raise InputError(describe_load_error(e, path, arg or None)) from e
+    check_loaded(config, path)
+    return config
+
+
+def get_config_line(path: str) -> int:
+    """The line of `def get_config` in a config file (1 when it cannot be found)."""
+    try:
+        tree = ast.parse(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "get_config":
+            return node.lineno
+    return 1
+
+
+def check_loaded(config: Any, path: str) -> None:
+    """What `get_config()` returned must be a ConfigDict; InputError `path:line: ...` otherwise."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise InputError(
+            f"{path}:{get_config_line(path)}: get_config() returned "
+            f"{'None' if config is None else type(config).__name__}, not an ml_collections.ConfigDict"
+        )
+
+
+def describe_load_error(exc: BaseException, path: str, variant: str | None = None) -> str:
+    """`path:line: Type: message` for an exception raised while loading the config file `path`.
+
+    The line is that of the innermost frame in the file (the original error, not the wrappers that
+    ml_collections and absl put around TypeError/ValueError), the syntax error's line, or else the
+    `def get_config` line (e.g. a `:variant` passed to a get_config() that takes no argument)."""
+    target = pathlib.Path(path).resolve()
+
+    def in_file(name: str | None) -> bool:
+        return bool(name) and pathlib.Path(name).resolve() == target
+
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in reversed(chain):  # the original error first
+        if isinstance(e, SyntaxError) and in_file(e.filename):
+            return f"{path}:{e.lineno}: {type(e).__name__}: {e.msg}"
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if in_file(f.filename)]
+        if lines:
+            return f"{path}:{lines[-1]}: {type(e).__name__}: {_first_line(e)}"
+    original = chain[-1]
+    message = f"{path}:{get_config_line(path)}: {type(original).__name__}: {_first_line(original)}"
+    if variant is not None and isinstance(original, TypeError):
+        message += f" (the variant {variant!r} was passed to get_config)"
+    return message
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """A finite real within the given bounds, else ConfigError naming `config.train.<name>`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        where = f"within {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        where = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        where = f"{'<' if high_open else '<='} {high:g}"
+    raise ConfigError(f"config.train.{name}={value!r} must be a finite number {where}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_train(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh_shape: dict[str, int]
+) -> None:
+    """The train section, alone and against the model and the mesh; one ConfigError naming the field.
+
+    A warmup longer than the run is not an error: the schedule clips it to `steps` (with a warning),
+    so that a short run of any config (`--config.train.steps=5`) just works."""
+    if "train" not in config:
+        raise ConfigError("config needs the section config.train")
+    t = config.train
+    positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every")
+    for name in (*positive, "loss_chunk", "keep_checkpoints"):
+        if not _is_int(t[name]) or t[name] <= 0:
+            raise ConfigError(f"config.train.{name}={t[name]!r} must be a positive int")
+    for name in ("warmup_steps", "keep_every", "spike_halflife"):
+        if not _is_int(t[name]) or t[name] < 0:
+            raise ConfigError(f"config.train.{name}={t[name]!r} must be an int >= 0")
+    if not _is_int(t.seed) or not 0 <= t.seed < SEED_LIMIT:
+        raise ConfigError(f"config.train.seed={t.seed!r} must be an int within [0, 2**32)")
+    _check_number("lr", t.lr, 0.0)
+    _check_number("b1", t.b1, 0.0, 1.0, high_open=True)
+    _check_number("b2", t.b2, 0.0, 1.0, high_open=True)
+    _check_number("eps", t.eps, 0.0, low_open=True)
+    for name in ("weight_decay", "clip_norm", "z_loss", "peak_flops_per_device"):
+        _check_number(name, t[name], 0.0)
+    _check_number("min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+    _check_number("spike_threshold", t.spike_threshold, 0.0)
+    _check_number("drop_threshold", t.drop_threshold, 0.0, 1.0)
+    if t.decay not in DECAYS:
+        raise ConfigError(f"config.train.decay={t.decay!r} is not one of {DECAYS}")
+    if t.nan_policy not in ("halt", "skip"):
+        raise ConfigError(
+            f"config.train.nan_policy={t.nan_policy!r} is not one of ('halt', 'skip')"
+        )
+    profile = tuple(t.profile_steps) if isinstance(t.profile_steps, list | tuple) else None
+    if profile is None or len(profile) != 2 or not all(_is_int(x) and x >= 0 for x in profile):
+        raise ConfigError(
+            f"config.train.profile_steps={t.profile_steps!r} must be (first step, count), "
+            "two ints >= 0"
+        )
+    if t.seq_len > model_cfg.max_len:
+        raise ConfigError(
+            f"config.train.seq_len={t.seq_len} exceeds config.model.max_len={model_cfg.max_len}"
+        )
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}"
+        )
+    batch_devices = axis_size(mesh_shape, "data") * axis_size(mesh_shape, "fsdp")
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_devices:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} sequences per "
+            f"microbatch is not divisible by the data x fsdp mesh axes (size {batch_devices})"
+        )
+    if t.warmup_steps > t.steps:
+        logging.warning(
+            "config.train.warmup_steps=%d is longer than the run (steps=%d): the learning rate "
+            "warms up over all %d steps and never decays",
+            t.warmup_steps,
+            t.steps,
+            t.steps,
+        )
 
 
 def validate(

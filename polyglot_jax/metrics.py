@@ -18,26 +18,40 @@ from absl import logging
 class MetricsWriter:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: the step the run resumes from; what was logged after it is dropped."""
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._tb = None
         if enabled:
+            self.truncate_after(resume_step)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+            # Events past the resumed step are hidden in TensorBoard, or it shows those steps twice.
+            self._tb = SummaryWriter(
+                str(pathlib.Path(workdir) / "tb"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     def truncate_after(self, step: int) -> None:
-        """Drops lines past `step`: after a resume those steps are run (and logged) again."""
+        """Drops records past `step` (after a resume those steps are run and logged again) and a
+        torn line (a run killed while writing it, a full disk), with a warning."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [
-            ln
-            for ln in self.path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["step"] <= step
-        ]
+        keep = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                record_step = int(record["step"])
+            except (ValueError, TypeError, KeyError):
+                logging.warning("%s:%d is not a whole record; dropped it", self.path, number)
+                continue
+            if record_step <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -55,10 +55,23 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "d_ff", "num_heads", "max_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"config.model.{name}={getattr(self, name)!r} must be a positive int"
-                )
+            value = getattr(self, name)
+            # bool is an int subclass: `num_layers=True` is a typo, not one layer.
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.model.{name}={value!r} must be a positive int")
+        if not isinstance(self.rotary_dim, int) or isinstance(self.rotary_dim, bool):
+            raise ConfigError(f"config.model.rotary_dim={self.rotary_dim!r} must be an int")
+        for name in ("rope_base", "layer_norm_eps"):
+            value = getattr(self, name)
+            # `not value > 0` rather than `value <= 0`: NaN fails every comparison.
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"config.model.{name}={value!r} must be a positive number")
+            if not math.isfinite(value):
+                raise ConfigError(f"config.model.{name}={value!r} must be finite")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(
+                f"config.model.scan_layers={self.scan_layers!r} must be True or False"
+            )
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"config.model.d_model={self.d_model} is not divisible by "
@@ -69,8 +82,6 @@ class ModelConfig:
                 f"config.model.rotary_dim={self.rotary_dim} must be even and within "
                 f"[0, head_dim={self.head_dim}]"
             )
-        if self.rope_base <= 0:
-            raise ConfigError(f"config.model.rope_base={self.rope_base} must be positive")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(

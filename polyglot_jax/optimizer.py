@@ -10,17 +10,21 @@ import optax
 
 from polyglot_jax.errors import ConfigError
 
+DECAYS = ("cosine", "linear")  # config.train.decay
+
 
 def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `steps`."""
-    steps, warmup, peak = train["steps"], train["warmup_steps"], train["lr"]
+    """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `steps`.
+
+    A warmup longer than the run is clipped to it (`config.check_train` warns about that): the rate
+    then only warms up. The other fields are checked by `config.check_train` before this runs."""
+    steps, peak = train["steps"], train["lr"]
+    warmup = min(train["warmup_steps"], steps)
     floor = peak * train["min_lr_ratio"]
-    if train["decay"] not in ("cosine", "linear"):
-        raise ConfigError(
-            f"config.train.decay={train['decay']!r} is not one of ('cosine', 'linear')"
-        )
-    if not 0 <= warmup <= steps:
-        raise ConfigError(f"config.train.warmup_steps={warmup} must be within [0, steps={steps}]")
+    if train["decay"] not in DECAYS:
+        raise ConfigError(f"config.train.decay={train['decay']!r} is not one of {DECAYS}")
+    if warmup < 0:
+        raise ConfigError(f"config.train.warmup_steps={train['warmup_steps']} must be >= 0")
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     decay_steps = max(steps - warmup, 1)
     if train["decay"] == "cosine":

@@ -9,8 +9,10 @@ Everything that can be checked before compiling is checked first (one ConfigErro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -25,7 +27,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from polyglot_jax import flops
+from polyglot_jax import flops, run_dir
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.config import validate
 from polyglot_jax.data.pipeline import make_global_batch, make_pipeline, tokenized_directories
@@ -36,7 +38,6 @@ from polyglot_jax.metrics import LossWatch, MetricsWriter
 from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params, init_params
 from polyglot_jax.optimizer import learning_rate_schedule, make_optimizer
 from polyglot_jax.partitioning import (
-    axis_size,
     batch_sharding,
     logical_shardings,
     make_mesh,
@@ -51,40 +52,15 @@ class NonFiniteLoss(PolyglotError):
 def check_train_config(
     config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh_shape: dict
 ) -> None:
-    """The train section against the model and the mesh; one ConfigError naming the field."""
-    t = config.train
-    for name in (
-        "steps",
-        "batch_size",
-        "seq_len",
-        "grad_accum",
-        "log_every",
-        "checkpoint_every",
-        "loss_chunk",
-    ):
-        if not isinstance(t[name], int) or t[name] <= 0:
-            raise ConfigError(f"config.train.{name}={t[name]!r} must be a positive int")
-    if t.seq_len > model_cfg.max_len:
-        raise ConfigError(
-            f"config.train.seq_len={t.seq_len} exceeds config.model.max_len={model_cfg.max_len}"
-        )
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(
-            f"config.train.batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}"
-        )
-    batch_devices = axis_size(mesh_shape, "data") * axis_size(mesh_shape, "fsdp")
-    micro = t.batch_size // t.grad_accum
-    if micro % batch_devices:
-        raise ConfigError(
-            f"config.train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} sequences per "
-            f"microbatch is not divisible by the data x fsdp mesh axes (size {batch_devices})"
-        )
-    if t.nan_policy not in ("halt", "skip"):
-        raise ConfigError(
-            f"config.train.nan_policy={t.nan_policy!r} is not one of ('halt', 'skip')"
-        )
-    if t.keep_checkpoints <= 0:
-        raise ConfigError(f"config.train.keep_checkpoints={t.keep_checkpoints} must be positive")
+    """The train section against the model and the mesh, and the attention kernel against this
+    machine's backend; one ConfigError naming the field."""
+    # The section's checks live in config.py so that `polyglot-jax info` runs them too; the
+    # backend check only here, where the run really executes (info may describe another machine).
+    from polyglot_jax.attention import check_attention_backend
+    from polyglot_jax.config import check_train
+
+    check_train(config, model_cfg, mesh_shape)
+    check_attention_backend(model_cfg.attention_impl)
 
 
 def check_data_vocab(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
@@ -258,27 +234,80 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """`workdir/config.json`: the resolved config of the run (written atomically)."""
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    tmp.replace(workdir / "config.json")
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, has_checkpoints: bool
+) -> bool:
+    """The new config against the one that made the workdir's checkpoints (run_dir's rules).
+
+    Returns whether the saved data iterator state can be restored. Raises ConfigError for a change
+    that no resume can take, or one that needs `config.train.allow_config_change`.
+    """
+    saved = run_dir.read_config(workdir)
+    if not has_checkpoints or saved is None:
+        return True
+    changes = run_dir.resume_changes(run_dir.flat_config(saved), run_dir.flat_config(config))
+    fresh = f"use a new --workdir (seeded from this run with --config.train.init_from={workdir})"
+    if changes.shapes:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of another model: {run_dir.describe(changes.shapes)}; "
+            f"resume with the old values or {fresh}"
+        )
+    if changes.guarded and not config.train.get("allow_config_change", False):
+        raise ConfigError(
+            f"{workdir} holds checkpoints made with other settings: "
+            f"{run_dir.describe(changes.guarded)}; resume with the old values, {fresh}, or pass "
+            "--config.train.allow_config_change=True to continue its state with the new ones"
+        )
+    if changes.guarded:
+        logging.warning(
+            "resuming %s with changed settings (allow_config_change): %s%s",
+            workdir,
+            run_dir.describe(changes.guarded, limit=20),
+            "; the data starts from its beginning" if changes.data_changed else "",
+        )
+    if changes.free:
+        logging.info("resuming %s with %s", workdir, run_dir.describe(changes.free, limit=20))
+    return not changes.data_changed
+
+
+def _say(message: str) -> None:
+    """A line on stderr from process 0 at any verbosity (absl shows only warnings by default)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains until `config.train.steps`, resuming from `workdir/checkpoints/` when it holds any.
 
-    Returns the last logged metrics (and `preempted: True` when a signal stopped the run early).
+    Everything is validated before the workdir is touched; process 0 holds `workdir/.lock` for the
+    whole run. Returns the last logged metrics (`preempted: True` when a signal stopped the run
+    early, `nothing_to_do: True` when the checkpoint already reached `steps`).
     """
     workdir = pathlib.Path(workdir)
     model_cfg, mesh_shape = validate(config, jax.device_count())
     check_train_config(config, model_cfg, mesh_shape)
+    check_data_vocab(config, model_cfg)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+    created = not workdir.exists()
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    with run_dir.locked(workdir) if is_main else contextlib.nullcontext():
+        try:
+            return _start(config, model_cfg, mesh_shape, workdir)
+        except BaseException:
+            # A run that failed before its first step leaves no trace in a workdir it created.
+            if created and is_main and not (workdir / run_dir.CONFIG).exists():
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+
+def _start(config, model_cfg, mesh_shape, workdir):
     t = config.train
     rules = rules_from_config(config.mesh.rules)
     mesh = make_mesh(mesh_shape)
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_data_vocab(config, model_cfg)
+    steps_on_disk = Checkpointer.steps_in(workdir)
+    restore_data = check_resume(config, workdir, bool(steps_on_disk))
     data_iter = make_pipeline(
         config.data,
         seq_len=t.seq_len,
@@ -286,9 +315,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    if is_main:
-        _write_config(config, workdir)
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         fns = build_step(config, model_cfg, mesh, rules)
         ckpt = Checkpointer(
@@ -297,26 +323,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             keep_period=t.keep_every,
             async_save=t.async_checkpoints,
         )
-        restored = ckpt.restore_latest(fns.abstract_params, fns.abstract_opt, data_iter)
+        try:
+            restored = ckpt.restore_latest(
+                fns.abstract_params, fns.abstract_opt, data_iter if restore_data else None
+            )
+        except BaseException:
+            ckpt.close()
+            raise
+        if restored is not None and restored[0] >= t.steps:
+            ckpt.close()
+            _say(
+                f"nothing to do: checkpoint {restored[0]} >= config.train.steps={t.steps} "
+                f"in {workdir} (raise --config.train.steps to train on)"
+            )
+            return {"step": restored[0], "nothing_to_do": True}
         if restored is not None:
             start, params, opt_state = restored
-            logging.info("resumed from %s/%d", ckpt.directory, start)
+            _say(f"resumed from step {start} of {t.steps} ({ckpt.directory}/{start})")
         else:
             start = 0
             if t.init_from:
                 params, source = restore_params(t.init_from, fns.abstract_params)
-                logging.info("initialised parameters from %s", source)
+                _say(f"initialised parameters from {source}")
             else:
                 params = fns.init_params(t.seed)
             opt_state = fns.init_opt(params)
+        if jax.process_index() == 0:
+            run_dir.record_start(config, workdir, start)  # only now: the run really starts
         return _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start)
 
 
 def _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start):
     t = config.train
     is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(start)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     watch = LossWatch(t.spike_threshold, t.drop_threshold, t.spike_halflife)
     schedule = learning_rate_schedule(t)
     tokens_per_step = t.batch_size * t.seq_len

@@ -32,11 +32,27 @@ def test_schedule_closed_form(decay):
         assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-12), step
 
 
-def test_bad_schedule_fields():
-    with pytest.raises(ConfigError, match="config.train.decay='step'"):
-        learning_rate_schedule(_train(decay="step"))
-    with pytest.raises(ConfigError, match="warmup_steps=2000"):
-        learning_rate_schedule(_train(steps=1000, warmup_steps=2000))
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"decay": "step"}, r"config\.train\.decay='step' is not one of \('cosine', 'linear'\)"),
+        ({"warmup_steps": -1}, r"config\.train\.warmup_steps=-1 must be >= 0"),
+    ],
+)
+def test_bad_schedule_fields(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        learning_rate_schedule(_train(**fields))
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_warmup_longer_than_the_run_is_clipped_to_it(decay):
+    """warmup_steps > steps (a short run of a long config) warms up over the whole run."""
+    sched = learning_rate_schedule(
+        _train(steps=1000, warmup_steps=2000, lr=1e-3, min_lr_ratio=0.1, decay=decay)
+    )
+    for step in (0, 250, 999):
+        assert float(sched(step)) == pytest.approx(1e-3 * step / 1000, rel=1e-5, abs=1e-12), step
+    assert float(sched(1000)) == pytest.approx(1e-3)
 
 
 def test_weight_decay_skips_biases_and_layernorm():

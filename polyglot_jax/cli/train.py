@@ -36,6 +36,8 @@ def main(argv):
 
     workdir = pathlib.Path(_WORKDIR.value)
     result = train(_CONFIG.value, workdir)
+    if result.get("nothing_to_do"):
+        return 0
     if result.get("preempted"):
         print(
             f"stopped by a signal at step {result.get('step')}; checkpoint saved in {workdir}/checkpoints"

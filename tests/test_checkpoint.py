@@ -1,0 +1,65 @@
+"""Reading checkpoints outside training (conversion, generation, init_from): damage is named, and
+the latest falls back to an older readable step only when no step was asked for."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from train_fixtures import tiny_config, tiny_shards
+
+from polyglot_jax.convert import load_params
+from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.model import ModelConfig
+from polyglot_jax.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+    shards = tiny_shards(tmp_path_factory.mktemp("cache"))
+    workdir = tmp_path_factory.mktemp("run") / "run"
+    train(tiny_config(shards), workdir)  # checkpoints 3 and 6
+    return workdir
+
+
+def _damaged_copy(run: pathlib.Path, tmp_path: pathlib.Path, step: int) -> pathlib.Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for f in (copy / "checkpoints" / str(step) / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+    return copy
+
+
+def _cfg(run: pathlib.Path) -> ModelConfig:
+    from polyglot_jax.convert import load_run_config
+
+    return ModelConfig.from_config(load_run_config(run).model)
+
+
+def test_latest_falls_back_to_the_previous_readable_step(run, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    damaged = _damaged_copy(run, tmp_path, 6)
+    params = load_params(damaged, None, _cfg(run))
+    expected = load_params(run, 3, _cfg(run))
+    np.testing.assert_array_equal(params["embed_in"], expected["embed_in"])
+    assert f"checkpoint {damaged / 'checkpoints' / '6'} cannot be read" in caplog.text
+    assert (damaged / "checkpoints" / "6").is_dir()  # reading never moves anything
+
+
+def test_an_asked_for_damaged_step_is_named_with_the_previous_one(run, tmp_path):
+    damaged = _damaged_copy(run, tmp_path, 6)
+    with pytest.raises(
+        InputError, match=r"checkpoints/6 cannot be read; the previous one is step 3 \(--step=3\)"
+    ):
+        load_params(damaged, 6, _cfg(run))
+
+
+def test_params_of_another_model_are_a_config_error(run):
+    import dataclasses
+
+    with pytest.raises(ConfigError, match=r"embed_in saved \(4096, 64\), now \(4096, 32\)"):
+        load_params(run, None, dataclasses.replace(_cfg(run), d_model=32, rotary_dim=4))
