@@ -28,7 +28,6 @@ import pathlib
 import queue
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from polyglot_jax.checkpoint_arrays import CheckpointReader, CheckpointWriter, w
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
 from polyglot_jax.model import ModelConfig
+from polyglot_jax.output_dir import check_output, staged
 
 OUTPUT_DTYPES = {
     "float16": np.dtype(np.float16),
@@ -195,39 +195,6 @@ def ours_view(spec: hf_mapping.TensorSpec, hf_tensor: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- output directories
 
 
-def _check_output(out: pathlib.Path, overwrite: bool, inputs: list[pathlib.Path]) -> None:
-    for source in inputs:
-        if out == source or out in source.parents:
-            raise InputError(f"output directory {out} would replace the input {source}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
-
-
-@contextlib.contextmanager
-def _staged_output(out: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A hidden temporary directory beside `out`, renamed to `out` (replacing it) on success and
-    removed on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -266,12 +233,34 @@ def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
     shards = list(data.get("shards") or ())
     if not shards or shards[0] == "builtin":
         return None
+    from absl import logging
+
+    from polyglot_jax.data.shards import manifest_tokenizer
+
     manifest = pathlib.Path(shards[0]) / "manifest.json"
     if not manifest.is_file():
         return None
-    recorded = json.loads(manifest.read_text()).get("tokenizer")
-    path = pathlib.Path(recorded) if recorded else None
-    return path if path is not None and (path / "tokenizer.json").is_file() else None
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        # Only a fallback for finding the tokenizer: say so, but do not block the export.
+        logging.warning(
+            "%s: not a readable manifest (%s); the export has no tokenizer", manifest, e
+        )
+        return None
+    if not recorded:
+        return None
+    # Absolute in new manifests; older ones hold the path as typed: the same lookup as the data
+    # side (manifest's directory first, then the current one).
+    path = manifest_tokenizer(manifest.parent, str(recorded))
+    if path is None:
+        logging.warning(
+            "%s names tokenizer %r, found neither under %s nor from %s; the export has no "
+            "tokenizer (pass --tokenizer=DIR or set config.data.tokenizer)",
+            manifest, recorded, manifest.parent, os.getcwd(),
+        )  # fmt: skip
+        return None
+    return path.parent if path.is_file() else path  # a recorded tokenizer.json: its directory
 
 
 def _copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:
@@ -316,7 +305,7 @@ def to_hf(
         raise InputError(f"{workdir / 'config.json'} has no model section")
     cfg = ModelConfig.from_config(config.model)
     step, step_dir = step_directory(workdir, step)
-    _check_output(out, overwrite, [workdir])
+    check_output(out, [workdir], overwrite=overwrite)
     reader = CheckpointReader(step_dir / "params")
     groups = _specs_by_path(cfg)
     _check_checkpoint(reader, groups, step_dir)
@@ -327,11 +316,19 @@ def to_hf(
 
         loaded = load_tokenizer(tok_dir)
         eos, pad = loaded.eos_id, loaded.pad_id
+        # Ids past the embedding would index out of range in transformers (gaps count too).
+        vocab = loaded.tokenizer.get_vocab(with_added_tokens=True)
+        ids = max(loaded.vocab_size, max(vocab.values(), default=-1) + 1)
+        if ids > cfg.vocab_size:
+            raise ConfigError(
+                f"tokenizer {tok_dir} has {ids} token ids, more than the model's "
+                f"config.model.vocab_size={cfg.vocab_size} (in {workdir / 'config.json'})"
+            )
 
     specs = hf_mapping.tensor_specs(cfg)
     entries = [TensorEntry(s.hf_key, out_dtype, s.hf_shape) for s in specs]
     total = sum(e.nbytes for e in entries)
-    with _staged_output(out) as tmp:
+    with staged(out) as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, shard_bytes)
         try:
             with tqdm(
@@ -421,15 +418,18 @@ def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 
 
 def read_hf_config(hf_dir: pathlib.Path) -> dict[str, Any]:
-    file = hf_dir / "config.json"
+    """`hf_dir/config.json`, with every architecture field checked (InputError naming the file and
+    the field), so that `from-hf` and `generate --hf` fail before loading or writing anything."""
+    file = pathlib.Path(hf_dir) / "config.json"
     if not file.is_file():
         raise InputError(f"{file} does not exist: not a Hugging Face model directory")
     try:
-        data = json.loads(file.read_text())
-    except ValueError as e:
-        raise InputError(f"{file}: not valid JSON ({e})") from e
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{file}: not readable JSON ({e})") from e
     if not isinstance(data, dict):
-        raise InputError(f"{file}: not a JSON object")
+        raise InputError(f"{file}: not a JSON object ({type(data).__name__})")
+    hf_mapping.from_hf_config(data, source=str(file))
     return data
 
 
@@ -437,6 +437,9 @@ def _check_hf_tensors(
     weights: HFWeights, specs: list[hf_mapping.TensorSpec], hf_dir: pathlib.Path
 ) -> dict[str, str]:
     """Canonical key -> stored key, after checking names and shapes (before anything is written)."""
+    outputs = [k for k in weights.keys() if k in hf_mapping.OUTPUT_KEYS]
+    if len(outputs) > 1:  # both name the output projection: which one to take is a guess
+        raise InputError(f"{hf_dir}: holds both {' and '.join(outputs)}; keep one of them")
     stored = hf_mapping.normalize_hf_keys(weights.keys())
     unexpected = sorted(set(stored) - {s.hf_key for s in specs})
     if unexpected:
@@ -496,7 +499,7 @@ def from_hf(
     config = run_config_for(read_hf_config(hf_dir), config)
     cfg = ModelConfig.from_config(config.model)
     param_dtype = PARAM_DTYPES[cfg.param_dtype]
-    _check_output(out, overwrite, [hf_dir])
+    check_output(out, [hf_dir], overwrite=overwrite)
     weights = HFWeights(hf_dir)
     specs = hf_mapping.tensor_specs(cfg)
     stored = _check_hf_tensors(weights, specs, hf_dir)
@@ -504,7 +507,7 @@ def from_hf(
     arrays = {path: (_stored_shape(g), param_dtype) for path, g in groups.items()}
     stacked = {path for path, g in groups.items() if _stacked(g[0])}
     total = sum(math.prod(s.hf_shape) * param_dtype.itemsize for s in specs)
-    with _staged_output(out) as tmp:
+    with staged(out) as tmp:
         step_dir = tmp / "checkpoints" / "0"
         writer = CheckpointWriter(step_dir / "params", arrays, row_chunked=stacked)
         blocks = _our_blocks(weights, stored, specs, writer, param_dtype)
@@ -606,6 +609,10 @@ def load_params(workdir: str | os.PathLike, step: int | None, cfg: ModelConfig) 
         abstract_params(cfg),
         is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
+    if step is None:  # the latest readable one: a damaged newest step falls back, with a warning
+        step_directory(workdir, None)  # one clear error when there is none
+        params, _ = restore_params(pathlib.Path(workdir) / "checkpoints", abstract)
+        return params
     _, step_dir = step_directory(workdir, step)
     params, _ = restore_params(step_dir, abstract)
     return params

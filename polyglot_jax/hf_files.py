@@ -262,11 +262,32 @@ class HFWeights:
             raise InputError(f"{d}: no {SINGLE_FILE}, {INDEX_FILE}, pytorch_model.bin or its index")
 
     def _index_files(self, index_file: pathlib.Path) -> list[pathlib.Path]:
+        """The weight files an index names, each checked to be a file inside the directory."""
         try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{index_file}: not a weight index ({e})") from e
-        files = [self.directory / f for f in dict.fromkeys(weight_map.values())]
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{index_file}: not readable JSON ({e})") from e
+        if not isinstance(index, dict) or "weight_map" not in index:
+            raise InputError(f"{index_file}: not a weight index (no weight_map field)")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(
+                f"{index_file}: weight_map must be a non-empty JSON object (tensor -> file), "
+                f"not {type(weight_map).__name__}"
+            )
+        files = []
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name:
+                raise InputError(f"{index_file}: weight_map[{key!r}]={name!r} is not a file name")
+            # Only files of this directory: an index must not make us read `../x` or `/etc/x`.
+            relative = pathlib.PurePosixPath(name)
+            if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+                raise InputError(
+                    f"{index_file}: weight_map[{key!r}]={name!r} names a file outside "
+                    f"{self.directory}"
+                )
+            files.append(self.directory / relative)
+        files = list(dict.fromkeys(files))
         for f in files:
             if not f.is_file():
                 raise InputError(f"{index_file} names {f.name}, which does not exist")

@@ -17,6 +17,7 @@ HF's fused QKV rows are grouped per head ([H, 3, Dh]), not [3, H, Dh]: a plain s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -229,43 +230,97 @@ def to_hf_config(
     }
 
 
-def from_hf_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+_MISSING = object()
+
+
+def _field(hf: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> Any:
+    if key in hf:
+        return hf[key]
+    if default is _MISSING:
+        raise InputError(f"{source} is missing the field {key!r}")
+    return default
+
+
+def _positive_int(hf: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> int:
+    value = _field(hf, key, source, default)
+    # bool is an int in Python; `true` for a size is a broken file, not 1.
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{source}: {key}={value!r} must be a positive integer")
+    return value
+
+
+def _real(value: Any, name: str, source: str, high: float | None = None) -> float:
+    """A finite number > 0 (and <= `high` when given), else InputError naming `name`."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0 and (high is None or value <= high)
+    if not ok:
+        bound = f"within (0, {high:g}]" if high is not None else "> 0"
+        raise InputError(f"{source}: {name}={value!r} must be a finite number {bound}")
+    return float(value)
+
+
+def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """HF `config.json` contents -> `config.model` fields (architecture only; numerics keep our defaults).
 
     Accepts the old names (`rotary_pct`, `rotary_emb_base`) and transformers 5's `rope_parameters`.
-    Raises InputError for anything our model does not compute the same way.
+    Raises InputError naming `source` and the field for anything malformed (wrong type, zero) or
+    that our model does not compute the same way.
     """
+    if not isinstance(hf, Mapping):
+        raise InputError(f"{source}: not a JSON object ({type(hf).__name__})")
     arch = hf.get("architectures") or ["GPTNeoXForCausalLM"]
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+        raise InputError(f"{source}: architectures={arch!r} must be a list of class names")
     if hf.get("model_type", "gpt_neox") != "gpt_neox" or "GPTNeoXForCausalLM" not in arch:
         raise InputError(
-            f"config.json describes {arch[0]} (model_type {hf.get('model_type')!r}), not GPTNeoXForCausalLM"
+            f"{source} describes {arch[0]} (model_type {hf.get('model_type')!r}), not GPTNeoXForCausalLM"
         )
     checks = {"use_parallel_residual": True, "tie_word_embeddings": False, "attention_bias": True}
     for key, want in checks.items():
         if hf.get(key, want) != want:
-            raise InputError(f"config.json has {key}={hf[key]!r}; only {want!r} is supported")
+            raise InputError(f"{source} has {key}={hf[key]!r}; only {want!r} is supported")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise InputError(
-            f"config.json has hidden_act={hf['hidden_act']!r}; only 'gelu' (exact) is supported"
+            f"{source} has hidden_act={hf['hidden_act']!r}; only 'gelu' (exact) is supported"
         )
-    rope = hf.get("rope_parameters") or {}
+    rope = hf.get("rope_parameters")
+    rope = {} if rope is None else rope
+    if not isinstance(rope, Mapping):
+        raise InputError(f"{source}: rope_parameters={rope!r} must be a JSON object")
     if rope.get("rope_type", "default") != "default":
         raise InputError(
-            f"config.json has rope_type={rope['rope_type']!r}; only 'default' is supported"
+            f"{source} has rope_type={rope['rope_type']!r}; only 'default' is supported"
         )
-    try:
-        d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        pct = float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-        return {
-            "vocab_size": int(hf["vocab_size"]),
-            "num_layers": int(hf["num_hidden_layers"]),
-            "d_model": d,
-            "d_ff": int(hf["intermediate_size"]),
-            "num_heads": heads,
-            "rotary_dim": int((d // heads) * pct),  # HF truncates the same way
-            "rope_base": float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
-            "max_len": int(hf.get("max_position_embeddings", 2048)),
-            "layer_norm_eps": float(hf.get("layer_norm_eps", 1e-5)),
-        }
-    except KeyError as e:
-        raise InputError(f"config.json is missing the field {e.args[0]!r}") from None
+    d = _positive_int(hf, "hidden_size", source)
+    heads = _positive_int(hf, "num_attention_heads", source)
+    if d % heads:
+        raise InputError(
+            f"{source}: hidden_size={d} is not divisible by num_attention_heads={heads}"
+        )
+    # transformers 5 nests the RoPE fields in rope_parameters; older files keep them at the top.
+    if "partial_rotary_factor" in rope:
+        pct_name, pct = "rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"]
+    else:
+        pct_name, pct = "rotary_pct", hf.get("rotary_pct", 0.25)
+    pct = _real(pct, pct_name, source, high=1.0)
+    rotary_dim = int((d // heads) * pct)  # HF truncates the same way
+    if rotary_dim % 2:
+        raise InputError(
+            f"{source}: {pct_name}={pct:g} gives an odd rotary dimension {rotary_dim} "
+            f"(head_dim {d // heads}); rotate-half RoPE needs an even one"
+        )
+    if "rope_theta" in rope:
+        base = _real(rope["rope_theta"], "rope_parameters.rope_theta", source)
+    else:
+        base = _real(hf.get("rotary_emb_base", 10000.0), "rotary_emb_base", source)
+    return {
+        "vocab_size": _positive_int(hf, "vocab_size", source),
+        "num_layers": _positive_int(hf, "num_hidden_layers", source),
+        "d_model": d,
+        "d_ff": _positive_int(hf, "intermediate_size", source),
+        "num_heads": heads,
+        "rotary_dim": rotary_dim,
+        "rope_base": base,
+        "max_len": _positive_int(hf, "max_position_embeddings", source, 2048),
+        "layer_norm_eps": _real(hf.get("layer_norm_eps", 1e-5), "layer_norm_eps", source),
+    }

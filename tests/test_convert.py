@@ -8,6 +8,7 @@ package's reader, and orbax's own restore.
 import json
 import math
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ from polyglot_jax import convert, hf_mapping
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.checkpoint_arrays import CheckpointReader
 from polyglot_jax.config import base_config
-from polyglot_jax.errors import InputError
+from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
 from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
 from polyglot_jax.partitioning import logical_shardings, make_mesh, rules_from_config
@@ -273,15 +274,16 @@ def test_reader_reassembles_rows_from_edge_chunks(tmp_path):
     assert data[:3].nbytes < BLOCK_BYTES
 
 
-def test_the_tokenizer_travels_with_the_weights(run, tmp_path, shared_data):
+def test_the_tokenizer_travels_with_the_weights(tmp_path, shared_data):
     """to-hf copies the run's tokenizer (config.data.tokenizer); from-hf keeps the HF directory's
     under OUT/tokenizer, where the next to-hf finds it."""
-    workdir, _, _ = run
     tokenizer = shared_data / "polyglot-ko-mbbpe-2022"
+    # A model whose vocab holds the tokenizer's 30,003 ids (to-hf refuses a smaller one).
+    wide = run_config(vocab_size=30080)
     named = tmp_path / "named"
     named.mkdir()
-    (named / "checkpoints").symlink_to(workdir / "checkpoints")
-    config = json.loads((workdir / "config.json").read_text())
+    save_run(named, wide, {0: random_params(ModelConfig.from_config(wide.model), 0)})
+    config = json.loads((named / "config.json").read_text())
     config["data"]["tokenizer"] = str(tokenizer)
     (named / "config.json").write_text(json.dumps(config))
     out = tmp_path / "hf"
@@ -560,3 +562,141 @@ def test_run_tokenizer_falls_back_to_the_shards_manifest(tmp_path):
     assert run_tokenizer(config, tmp_path) == pathlib.Path(recorded)
     config.data.shards = ("builtin",)
     assert run_tokenizer(config, tmp_path) is None
+
+
+def _word_tokenizer(directory: pathlib.Path, vocab: dict[str, int]) -> pathlib.Path:
+    """A tokenizer.json with exactly `vocab` (plus `<|endoftext|>` at id 1: load_tokenizer needs an eos)."""
+    from tokenizers import Tokenizer, models
+
+    directory.mkdir()
+    vocab = {"<pad>": 0, "<|endoftext|>": 1, **vocab}
+    Tokenizer(models.WordLevel(vocab, unk_token="<pad>")).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "vocab, ids",
+    [
+        ({f"w{i}": i for i in range(2, 97)}, 97),  # one id more than the model's 96
+        ({f"w{i}": i for i in range(2, 30003)}, 30003),  # the released tokenizer's count
+        ({"far": 200}, 201),  # three tokens, but id 200 does not fit either
+    ],
+)
+def test_to_hf_refuses_a_tokenizer_larger_than_the_vocab(run, tmp_path, vocab, ids):
+    workdir, _, _ = run
+    tokenizer = _word_tokenizer(tmp_path / "tok", vocab)
+    out = tmp_path / "hf"
+    message = (
+        rf"tokenizer {re.escape(str(tokenizer))} has {ids} token ids, more than the model's "
+        r"config\.model\.vocab_size=96"
+    )
+    with pytest.raises(ConfigError, match=message):
+        convert.to_hf(workdir, out, tokenizer=str(tokenizer), show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # nothing written
+
+
+def test_to_hf_takes_a_tokenizer_that_fills_the_vocab(run, tmp_path):
+    workdir, _, _ = run
+    tokenizer = _word_tokenizer(tmp_path / "tok", {f"w{i}": i for i in range(2, 96)})
+    convert.to_hf(workdir, tmp_path / "hf", tokenizer=str(tokenizer), show_progress=False)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        tokenizer / "tokenizer.json"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_attention_heads": 0}, r"num_attention_heads=0 must be a positive integer"),
+        ({"hidden_size": "64"}, r"hidden_size='64' must be a positive integer"),
+        ({"num_hidden_layers": None}, r"num_hidden_layers=None must be a positive integer"),
+        ({"vocab_size": True}, r"vocab_size=True must be a positive integer"),
+        ({"rope_parameters": [10000]}, r"rope_parameters=\[10000\] must be a JSON object"),
+        (
+            {"rope_parameters": {"partial_rotary_factor": 0.0}},
+            r"rope_parameters\.partial_rotary_factor=0\.0 must be a finite number within \(0, 1\]",
+        ),
+    ],
+)
+def test_from_hf_malformed_config_json_names_file_and_field(
+    hf_model_dir, tmp_path, changes, message
+):
+    directory, _, _ = hf_model_dir
+    bad = _hf_copy(directory, tmp_path / "bad", config_changes=changes)
+    with pytest.raises(InputError, match=re.escape(str(bad / "config.json")) + ": " + message):
+        convert.from_hf(bad, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"config"', "null"])
+def test_from_hf_config_json_that_is_not_an_object(hf_model_dir, tmp_path, text):
+    directory, _, _ = hf_model_dir
+    bad = _hf_copy(directory, tmp_path / "bad")
+    (bad / "config.json").write_text(text)
+    with pytest.raises(InputError, match=r"config\.json: not a JSON object"):
+        convert.from_hf(bad, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_hf_refuses_two_output_projections(hf_model_dir, tmp_path):
+    directory, _, _ = hf_model_dir
+    bad = _hf_copy(directory, tmp_path / "bad")
+    tensors = read_safetensors(bad)
+    tensors["lm_head.weight"] = tensors["embed_out.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(InputError, match="holds both embed_out.weight and lm_head.weight"):
+        convert.from_hf(bad, tmp_path / "out", show_progress=False)
+
+
+def _sharded_copy(source: pathlib.Path, target: pathlib.Path, index) -> pathlib.Path:
+    """`source`'s tensors in one shard file with the given index (a weight_map or anything)."""
+    _hf_copy(source, target)
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    return target
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        (["model-00001-of-00001.safetensors"], r"weight_map must be a non-empty JSON object"),
+        ({}, r"weight_map must be a non-empty JSON object"),
+        ("model-00001-of-00001.safetensors", r"weight_map must be a non-empty JSON object"),
+        ({"embed_out.weight": "../x.safetensors"}, r"'\.\./x\.safetensors' names a file outside"),
+        ({"embed_out.weight": "a/../../x.safetensors"}, r"names a file outside"),
+        ({"embed_out.weight": "/etc/x.safetensors"}, r"'/etc/x\.safetensors' names a file outside"),
+        ({"embed_out.weight": 5}, r"weight_map\['embed_out\.weight'\]=5 is not a file name"),
+        ({"embed_out.weight": "model-00002-of-00002.safetensors"}, r"which does not exist"),
+    ],
+)
+def test_a_bad_weight_index_is_named(hf_model_dir, tmp_path, weight_map, message):
+    directory, _, _ = hf_model_dir
+    bad = _sharded_copy(directory, tmp_path / "bad", {"weight_map": weight_map})
+    index = re.escape(str(bad / "model.safetensors.index.json"))
+    with pytest.raises(InputError, match=f"{index}.*{message}"):
+        HFWeights(bad)
+    with pytest.raises(InputError, match=message):
+        convert.from_hf(bad, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("index", [[], {"metadata": {}}, "weights"])
+def test_an_index_without_a_weight_map(hf_model_dir, tmp_path, index):
+    directory, _, _ = hf_model_dir
+    bad = _sharded_copy(directory, tmp_path / "bad", index)
+    with pytest.raises(
+        InputError, match=r"index\.json: not a weight index \(no weight_map field\)"
+    ):
+        HFWeights(bad)
+
+
+def test_a_good_weight_index_still_reads(hf_model_dir, tmp_path):
+    directory, _, _ = hf_model_dir
+    keys = list(read_safetensors(directory))
+    good = _sharded_copy(
+        directory,
+        tmp_path / "good",
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}},
+    )
+    assert sorted(HFWeights(good).keys()) == sorted(keys)
+    convert.from_hf(good, tmp_path / "out", show_progress=False)

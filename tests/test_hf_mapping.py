@@ -127,3 +127,60 @@ def test_hf_config_missing_field():
     del hf["intermediate_size"]
     with pytest.raises(InputError, match="intermediate_size"):
         hf_mapping.from_hf_config(hf)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, r"num_attention_heads=0 must be a positive integer"),
+        ({"num_attention_heads": -5}, r"num_attention_heads=-5 must be a positive integer"),
+        ({"hidden_size": "80"}, r"hidden_size='80' must be a positive integer"),
+        ({"hidden_size": 80.0}, r"hidden_size=80\.0 must be a positive integer"),
+        ({"num_hidden_layers": None}, r"num_hidden_layers=None must be a positive integer"),
+        ({"num_hidden_layers": True}, r"num_hidden_layers=True must be a positive integer"),
+        ({"vocab_size": False}, r"vocab_size=False must be a positive integer"),
+        ({"intermediate_size": 0}, r"intermediate_size=0 must be a positive integer"),
+        ({"max_position_embeddings": None}, r"max_position_embeddings=None must be a positive"),
+        ({"hidden_size": 81}, r"hidden_size=81 is not divisible by num_attention_heads=5"),
+        ({"rope_parameters": [10000.0]}, r"rope_parameters=\[10000\.0\] must be a JSON object"),
+        ({"rope_parameters": "default"}, r"rope_parameters='default' must be a JSON object"),
+        ({"rotary_pct": 0}, r"rotary_pct=0 must be a finite number within \(0, 1\]"),
+        ({"rotary_pct": 1.5}, r"rotary_pct=1\.5 must be a finite number within \(0, 1\]"),
+        ({"rotary_pct": "half"}, r"rotary_pct='half' must be a finite number"),
+        ({"rotary_pct": True}, r"rotary_pct=True must be a finite number"),
+        ({"rotary_pct": 0.19}, r"rotary_pct=0\.19 gives an odd rotary dimension 3"),
+        (
+            {"rope_parameters": {"partial_rotary_factor": -0.5}},
+            r"rope_parameters\.partial_rotary_factor=-0\.5 must be a finite number within",
+        ),
+        (
+            {"rope_parameters": {"rope_theta": 0}},
+            r"rope_parameters\.rope_theta=0 must be a finite number > 0",
+        ),
+        ({"rotary_emb_base": float("nan")}, r"rotary_emb_base=nan must be a finite number > 0"),
+        ({"layer_norm_eps": -1e-5}, r"layer_norm_eps=-1e-05 must be a finite number > 0"),
+        ({"architectures": "GPTNeoXForCausalLM"}, r"architectures='GPTNeoX.*' must be a list"),
+    ],
+)
+def test_malformed_hf_config_fields_are_named(change, message):
+    hf = {**hf_mapping.to_hf_config(CFG), **change}
+    with pytest.raises(InputError, match=r"^some/config\.json.*" + message) as caught:
+        hf_mapping.from_hf_config(hf, source="some/config.json")
+    assert len(str(caught.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [[1, 2], "config", None, 3])
+def test_hf_config_that_is_not_an_object(value):
+    with pytest.raises(InputError, match=r"config\.json: not a JSON object"):
+        hf_mapping.from_hf_config(value)
+
+
+def test_good_hf_configs_still_pass():
+    """The default names, transformers 5's rope_parameters, and integral rope bases."""
+    hf = hf_mapping.to_hf_config(CFG)
+    assert hf_mapping.from_hf_config(hf)["rotary_dim"] == 4
+    nested = {k: v for k, v in hf.items() if k not in ("rotary_pct", "rotary_emb_base")}
+    nested["rope_parameters"] = {"rope_theta": 500, "partial_rotary_factor": 1.0}
+    fields = hf_mapping.from_hf_config(nested)
+    assert (fields["rotary_dim"], fields["rope_base"]) == (16, 500.0)
+    assert hf_mapping.from_hf_config({**hf, "rope_parameters": None})["rotary_dim"] == 4

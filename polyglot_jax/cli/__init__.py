@@ -16,12 +16,24 @@ import importlib.util
 import pathlib
 import pkgutil
 import sys
+import traceback
 
+import ml_collections
 from absl import flags, logging
 
 from polyglot_jax.errors import PolyglotError
 
 PROG = "polyglot-jax"
+# What bad flags and overrides raise while absl parses them (config files aside).
+_USAGE_ERRORS = (
+    flags.Error,
+    OSError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    ValueError,
+    PolyglotError,
+)
 
 
 def subcommands() -> dict[str, str]:
@@ -41,6 +53,13 @@ def _usage() -> str:
         doc = (ast.get_docstring(ast.parse(source)) or "").splitlines()
         lines.append(f"  {name:<18}{doc[0] if doc else ''}")
     return "\n".join(lines)
+
+
+def _os_error(e: OSError) -> str:
+    """`PATH: cause` of an I/O error (e.g. `out/x.jsonl: No space left on device`)."""
+    cause = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    paths = [p for p in (e.filename, e.filename2) if p]
+    return f"{' -> '.join(map(str, paths))}: {cause}" if paths else f"I/O error: {cause}"
 
 
 def _fail(sub: str, message: str) -> None:
@@ -71,14 +90,65 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _exception_chain(e: BaseException) -> list[BaseException]:
+    """`e`, then what it was raised from or during, down to the original error."""
+    chain: list[BaseException] = []
+    link: BaseException | None = e
+    while link is not None and all(link is not c for c in chain):
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return chain
+
+
+def _config_file_error(e: BaseException) -> str | None:
+    """`file:line: Type: message` when `e` came out of loading a config file, else None.
+
+    config_flags runs the file inside absl's flag parsing, which wraps TypeError/ValueError in
+    messages holding a whole traceback and lets everything else (NameError, SyntaxError,
+    ImportError) escape raw; the file and its variant are the `path` of its parser's frame."""
+    from ml_collections.config_flags import config_flags as cf
+
+    parse = getattr(getattr(cf, "ConfigFileFlagParser", None), "parse", None)
+    chain = _exception_chain(e)
+    spec = None
+    for exc in chain:
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            if parse is not None and frame.f_code is parse.__code__:
+                spec = frame.f_locals.get("path")
+    if not isinstance(spec, str):
+        return None
+    if any(isinstance(x, OSError) and "Failed loading config file" in str(x) for x in chain):
+        return None  # a missing file: _one_line says so
+    path, _, variant = spec.partition(":")
+    original = chain[-1]
+    if isinstance(original, AttributeError) and getattr(original, "name", None) == "get_config":
+        return f"{path}: defines no get_config()"
+    from polyglot_jax.config import describe_load_error
+
+    return describe_load_error(e, path, variant or None)
+
+
+def _not_none_warning(record) -> bool:
+    """Drops config_flags' own warning for a get_config() that returns None: that is one error
+    line of ours (a second stderr line would break the one-line contract)."""
+    return "did you forget a return statement" not in record.getMessage()
+
+
 def _load_config_flags() -> None:
     """config_flags loads files lazily; load them now so that a bad file or override fails here."""
     for name in list(flags.FLAGS):
         flag = flags.FLAGS[name]
         if "." not in name and type(flag).__module__.startswith("ml_collections.config_flags"):
             value = getattr(flags.FLAGS, name)
-            if value is not None:
-                value.keys()  # a failed load raises here
+            if value is None and not flag.present:
+                continue  # not given: the subcommand decides whether it needs one
+            if not isinstance(value, ml_collections.ConfigDict):
+                # A failed load is an object that raises its error on any attribute: raise it.
+                getattr(value, "keys", None)
+                from polyglot_jax.config import check_loaded
+
+                check_loaded(value, flag.config_filename)
+            value.keys()  # a failed load raises here
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,13 +165,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG} {sub}: {(module.__doc__ or '').strip()}\n")
         print(flags.FLAGS.module_help(module.__name__))
         return
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(_not_none_warning)
     try:
         remaining = flags.FLAGS([f"{PROG} {sub}", *rest])
         _load_config_flags()
-    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything; bugs re-raise below
         if "--verbosity=1" in rest or "-v=1" in rest:
             raise
-        _fail(sub, _one_line(e))
+        message = _config_file_error(e)
+        if message is None:
+            if not isinstance(e, _USAGE_ERRORS):
+                raise
+            message = _one_line(e)
+        _fail(sub, message)
+    finally:
+        absl_logger.removeFilter(_not_none_warning)
     logging.use_absl_handler()
     logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
@@ -110,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         if flags.FLAGS.verbosity >= 1:
             raise
         _fail(sub, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # permission denied, disk full, ...: the outputs clean up after themselves
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        print(f"{PROG} {sub}: error: {_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{PROG} {sub}: interrupted", file=sys.stderr)
         sys.exit(130)

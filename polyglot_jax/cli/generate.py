@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from absl import flags
 
@@ -20,15 +21,31 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _JSON = flags.DEFINE_bool("json", False, 'Print {"ids", "logprobs", "text"} as one JSON object.')
 
 
-def main(argv):
+def _check_numbers() -> None:
+    """The numeric flags, before any model is loaded; one ConfigError naming the flag."""
+    from polyglot_jax.config import SEED_LIMIT  # here: importing jax would slow --help
+
+    if _MAX_NEW.value <= 0:
+        raise ConfigError(f"--max_new_tokens={_MAX_NEW.value} must be a positive int")
+    # isfinite refuses NaN, which `t <= 0` would let through, and inf (a uniform sample).
+    if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value > 0):
+        raise ConfigError(f"--temperature={_TEMPERATURE.value} must be a positive finite number")
+    if _STEP.value is not None and _STEP.value < 0:
+        raise ConfigError(f"--step={_STEP.value} must be an int >= 0")
+    if _STEP.value is not None and _HF.value:
+        raise ConfigError("--step selects a checkpoint of --workdir; --hf has none")
+    if not 0 <= _SEED.value < SEED_LIMIT:
+        raise ConfigError(f"--seed={_SEED.value} must be an int within [0, 2**32)")
+
+
+def main(argv: list[str]) -> None:
     from polyglot_jax import generate
 
     if bool(_WORKDIR.value) == bool(_HF.value):
         raise ConfigError("give exactly one of --workdir and --hf")
     if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
         raise ConfigError("give exactly one of --prompt and --prompt_ids")
-    if _MAX_NEW.value <= 0 or _TEMPERATURE.value <= 0:
-        raise ConfigError("--max_new_tokens and --temperature must be positive")
+    _check_numbers()
     if _WORKDIR.value:
         cfg, params, tokenizer_dir = generate.load_from_workdir(_WORKDIR.value, _STEP.value)
     else:

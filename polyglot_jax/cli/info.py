@@ -7,10 +7,11 @@ import math
 
 import flax.linen as nn
 import jax
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from polyglot_jax.config import validate
+from polyglot_jax.config import check_train, validate
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.model import abstract_params
 
@@ -23,9 +24,14 @@ _DEVICES = flags.DEFINE_integer(
 )
 
 
-def summarize(config, num_devices: int) -> dict:
-    """Parameter count, shapes with logical axes, and the resolved mesh of a config."""
+def summarize(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+    """Parameter count, shapes with logical axes, and the resolved mesh of a config.
+
+    Checks the train section too (as `train` does, except the attention kernel against this
+    machine's backend: the config may well be meant for another machine)."""
     model_cfg, mesh_shape = validate(config, num_devices)
+    if "train" in config:
+        check_train(config, model_cfg, mesh_shape)
     boxed = abstract_params(model_cfg)
     shapes, total = {}, 0
     flat = jax.tree_util.tree_flatten_with_path(
@@ -44,9 +50,11 @@ def summarize(config, num_devices: int) -> dict:
     }
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise ConfigError("--config is required (e.g. --config=configs/tiny.py)")
+    if _DEVICES.value is not None and _DEVICES.value <= 0:
+        raise ConfigError(f"--devices={_DEVICES.value} must be a positive int")
     info = summarize(_CONFIG.value, _DEVICES.value or jax.device_count())
     if _JSON.value:
         print(json.dumps(info))

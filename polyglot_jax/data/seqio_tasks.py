@@ -28,7 +28,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data.shards import decode_record, read_manifest, shard_files
+from polyglot_jax.data.shards import decode_record, manifest_tokenizer, read_manifest, shard_files
 from polyglot_jax.data.tokenizer import PAD_TOKEN, LoadedTokenizer, load_tokenizer
 from polyglot_jax.errors import ConfigError, InputError
 
@@ -222,9 +222,16 @@ def register_corpus_task(
     manifests = {split: read_manifest(d) for split, d in directories.items()}
     if vocabulary is None:
         if tokenizer is None:
-            tokenizer = next(iter(manifests.values())).get("tokenizer")
-            if tokenizer is None:
+            split, manifest = next(iter(manifests.items()))
+            recorded = manifest.get("tokenizer")
+            if not recorded:
                 raise ConfigError(f"{name}: the manifest names no tokenizer; pass one")
+            tokenizer = manifest_tokenizer(directories[split], recorded)
+            if tokenizer is None:
+                raise InputError(
+                    f"{name}: the tokenizer {recorded} that {directories[split]}/manifest.json "
+                    "names is not there; pass one"
+                )
         vocabulary = PolyglotVocabulary(tokenizer)
     for split, manifest in manifests.items():
         want = manifest.get("tokenizer_sha256")

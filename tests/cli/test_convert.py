@@ -96,7 +96,7 @@ def test_to_hf_then_from_hf_with_verify(workdir, tmp_path):
         ([], "say which way"),
         (["to-hf", "--out=X"], "--workdir is required"),
         (["to-hf", "--workdir={run}", "--out={tmp}/o", "--step=9"], "no checkpoint for step 9"),
-        (["to-hf", "--workdir={run}", "--out={run}/checkpoints"], "is not empty"),
+        (["to-hf", "--workdir={run}", "--out={run}/checkpoints"], "lies inside the input"),
         (["to-hf", "--workdir={run}", "--out={tmp}/o", "--dtype=int8"], "int8"),
         (["from-hf", "--hf={run}", "--out={tmp}/o"], "missing the field 'hidden_size'"),
     ],

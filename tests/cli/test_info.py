@@ -39,6 +39,14 @@ def test_info_json_counts_12_8b():
             "config.model.num_heads=4",
         ),
         ([], "--config is required"),
+        (["--config=configs/tiny.py", "--devices=0"], "--devices=0 must be a positive int"),
+        (["--config=configs/tiny.py", "--devices=-8"], "--devices=-8 must be a positive int"),
+        (["--config=configs/tiny.py", "--config.train.lr=nan"], "config.train.lr=nan"),
+        (["--config=configs/tiny.py", "--config.train.b2=1.0"], "config.train.b2=1.0"),
+        (
+            ["--config=configs/tiny.py", "--config.train.batch_size=12", "--devices=8"],
+            "12 sequences per microbatch is not divisible",
+        ),
         (["--config=configs/tiny.py", "--no_such_flag"], "no_such_flag"),
     ],
 )
@@ -48,6 +56,63 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_info_checks_the_train_section_but_not_this_machines_kernels():
+    """A short run of tiny (warmup 30 > steps 5) is fine; a pallas_hopper config for an H100 can
+    be inspected on a CPU machine (only `train` checks the attention kernel against the backend)."""
+    out = _run("info", "--config=configs/tiny.py", "--config.train.steps=5", "--json")
+    assert out.returncode == 0, out.stderr
+    hopper = ["--config.model.attention_impl=pallas_hopper", "--config.model.dtype=bfloat16"]
+    out = _run("info", "--config=configs/polyglot_ko_1_3b.py", *hopper, "--json")
+    assert out.returncode == 0, out.stderr
+
+
+BAD_CONFIGS = {
+    "name_error.py": (
+        "from polyglot_jax.config import base_config\n\n\ndef get_config():\n"
+        "    c = base_config()\n    return foo\n",
+        ":6: NameError: name 'foo' is not defined",
+    ),
+    "value_error.py": (
+        "def get_config():\n    raise ValueError('no such size\\nsecond line')\n",
+        ":2: ValueError: no such size",
+    ),
+    "syntax_error.py": ("def get_config(:\n    pass\n", ":1: SyntaxError: "),
+    "import_error.py": (
+        "import polyglot_jax.no_such_module\n",
+        ":1: ModuleNotFoundError: No module named 'polyglot_jax.no_such_module'",
+    ),
+    "returns_none.py": (
+        "def get_config():\n    pass\n",
+        ":1: get_config() returned None, not an ml_collections.ConfigDict",
+    ),
+    "returns_dict.py": (
+        "def get_config():\n    return {'model': {}}\n",
+        ":1: get_config() returned dict, not an ml_collections.ConfigDict",
+    ),
+    "no_get_config.py": ("c = 1\n", ": defines no get_config()"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_broken_config_file_is_one_line_naming_file_and_line(tmp_path, name):
+    body, message = BAD_CONFIGS[name]
+    (tmp_path / name).write_text(body)
+    out = _run("info", f"--config={tmp_path / name}")
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"{tmp_path / name}{message}" in out.stderr, out.stderr
+
+
+def test_variant_that_get_config_does_not_take():
+    out = _run("info", "--config=configs/tiny.py:fast")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "configs/tiny.py:11: TypeError: get_config() takes 0 positional arguments" in out.stderr
+    assert "'fast'" in out.stderr
 
 
 def test_unknown_subcommand():
