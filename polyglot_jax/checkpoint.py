@@ -9,9 +9,13 @@ reported and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import pathlib
+import sys
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +40,53 @@ class _IteratorSnapshot:
 # What reading a damaged checkpoint raises: a missing file (OSError), garbled JSON or TensorStore
 # data (ValueError), a missing key in its metadata (KeyError), a short read (EOFError).
 UNREADABLE = (OSError, ValueError, KeyError, EOFError)
+
+
+def unreadable_cause(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain that says a file cannot be read, or None (then it is a bug).
+
+    orbax wraps TensorStore's read errors in a bare `Exception` whose cause is the ValueError."""
+    link, seen = error, []
+    while link is not None and all(link is not s for s in seen):
+        if isinstance(link, UNREADABLE):
+            return link
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _unretrieved_read_errors_dropped() -> Iterator[None]:
+    """orbax reads arrays in parallel coroutines on an event loop of its own. When the files are
+    damaged, the first error ends the loop: the other reads' errors are never retrieved (Python
+    prints each, with a 60-line TensorStore spec, when its coroutine is collected) and reads still
+    in flight report "Event loop is closed". The caller reports the first error in one line; this
+    drops the echoes, and nothing else."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(u) -> None:
+        obj = u.object
+        if isinstance(obj, types.CoroutineType) and "/orbax/" in obj.cr_code.co_filename:
+            return
+        previous_unraisable(u)
+
+    def excepthook(kind, value, tb) -> None:
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    try:
+        yield
+    finally:
+        time.sleep(0.1)  # let reads still in flight finish against the closed loop
+        gc.collect()  # collect the failed coroutines while the hooks are still ours
+        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+
+
+def previous_step_hint(checkpoints_dir: pathlib.Path, step: int) -> str:
+    """`; the previous one is step N (--step=N)` when an older checkpoint exists, else ``."""
+    older = [s for _, s in _candidate_steps(checkpoints_dir) if s < step]
+    return f"; the previous one is step {older[0]} (--step={older[0]})" if older else ""
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -161,9 +212,13 @@ class Checkpointer:
             if data_iter is not None:
                 items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except UNREADABLE as e:  # shapes fit (checked above): the array data is damaged
-                self._fall_back(step, e)
+                with _unretrieved_read_errors_dropped():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - only unreadable files fall back; others raise
+                cause = unreadable_cause(e)  # shapes fit (checked above): the data is damaged
+                if cause is None:
+                    raise
+                self._fall_back(step, cause)
                 continue
             return step, restored["params"], restored["opt_state"]
         return None
@@ -221,27 +276,26 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
     candidates = list(_candidate_steps(path))
     if not candidates:
         raise InputError(f"no checkpoint with params under {path}")
+    named_step = path.name.isdigit() and (path / "params").is_dir()
     for root, step in candidates:
         step_dir = root / str(step)
         try:
             saved = saved_shapes(step_dir / "params")
-        except UNREADABLE as e:
-            logging.warning("checkpoint %s cannot be read (%s); trying an older one", step_dir, e)
-            continue
-        check_fits(step_dir, "params", saved, abstract_params, "config.model must match it")
-        try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(step_dir / "params", abstract_params)
-            return params, step_dir
-        except UNREADABLE as e:
+            check_fits(step_dir, "params", saved, abstract_params, "config.model must match it")
+            with _unretrieved_read_errors_dropped(), ocp.StandardCheckpointer() as checkpointer:
+                return checkpointer.restore(step_dir / "params", abstract_params), step_dir
+        except Exception as e:  # noqa: BLE001 - only unreadable files fall back; others raise
+            cause = unreadable_cause(e)
+            if cause is None:
+                raise
+            if named_step:
+                raise InputError(
+                    f"checkpoint {step_dir} cannot be read ({first_line(cause)})"
+                    f"{previous_step_hint(root, step)}"
+                ) from e
             logging.warning(
-                "checkpoint %s cannot be restored (%s); trying an older one",
+                "checkpoint %s cannot be read (%s); trying an older one",
                 step_dir,
-                first_line(e),
+                first_line(cause),
             )
-    if path.name.isdigit() and (path / "params").is_dir():  # a step directory was named
-        root, step = candidates[0]
-        older = [s for _, s in _candidate_steps(root) if s < step]
-        hint = f"; the previous one is step {older[0]} (--step={older[0]})" if older else ""
-        raise InputError(f"checkpoint {root / str(step)} cannot be read{hint}")
     raise InputError(f"no readable checkpoint under {path}")

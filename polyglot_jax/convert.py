@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from polyglot_jax import hf_mapping
+from polyglot_jax.checkpoint import first_line, previous_step_hint, unreadable_cause
 from polyglot_jax.checkpoint_arrays import CheckpointReader, CheckpointWriter, write_step_metadata
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
@@ -306,9 +307,13 @@ def to_hf(
     cfg = ModelConfig.from_config(config.model)
     step, step_dir = step_directory(workdir, step)
     check_output(out, [workdir], overwrite=overwrite)
-    reader = CheckpointReader(step_dir / "params")
-    groups = _specs_by_path(cfg)
-    _check_checkpoint(reader, groups, step_dir)
+    hint = previous_step_hint(step_dir.parent, step)
+    try:
+        reader = CheckpointReader(step_dir / "params")
+        groups = _specs_by_path(cfg)
+        _check_checkpoint(reader, groups, step_dir)
+    except InputError as e:
+        raise InputError(f"{e}{hint}") from e
     tok_dir = run_tokenizer(config, workdir, tokenizer)
     eos, pad = DEFAULT_EOS_ID, None
     if tok_dir is not None:
@@ -338,9 +343,14 @@ def to_hf(
                     _copy_parameter(reader, path, group, writer)
                     bar.update(sum(math.prod(s.hf_shape) for s in group) * out_dtype.itemsize)
             files = writer.close()
-        except BaseException:
+        except BaseException as e:
             writer.abort()
-            raise
+            cause = unreadable_cause(e) if isinstance(e, Exception) else None
+            if cause is None:
+                raise
+            raise InputError(
+                f"checkpoint {step_dir} cannot be read ({first_line(cause)}){hint}"
+            ) from e
         hf_config = hf_mapping.to_hf_config(
             cfg, eos_token_id=eos, bos_token_id=DEFAULT_BOS_ID, torch_dtype=dtype
         )
