@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging as logging_std
 import pathlib
+import shutil
 import sys
 import time
 import types
@@ -24,7 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.errors import ConfigError, InputError, PolyglotError
+from polyglot_jax.output_dir import as_os_error
 
 
 class _IteratorSnapshot:
@@ -55,32 +58,54 @@ def unreadable_cause(error: BaseException) -> BaseException | None:
     return None
 
 
+class _Echoes(logging_std.Filter):
+    """asyncio's "Future/Task exception was never retrieved" records of the failed I/O, and
+    orbax's own traceback of the error that the caller raises."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        if "exception was never retrieved" in record.getMessage():
+            return False
+        return not (record.exc_info and "/orbax/" in record.pathname)
+
+
 @contextlib.contextmanager
-def _unretrieved_read_errors_dropped() -> Iterator[None]:
-    """orbax reads arrays in parallel coroutines on an event loop of its own. When the files are
-    damaged, the first error ends the loop: the other reads' errors are never retrieved (Python
-    prints each, with a 60-line TensorStore spec, when its coroutine is collected) and reads still
-    in flight report "Event loop is closed". The caller reports the first error in one line; this
-    drops the echoes, and nothing else."""
+def _orbax_echoes_dropped() -> Iterator[None]:
+    """orbax reads and writes arrays in parallel coroutines on an event loop of its own. When files
+    are damaged or the disk is full, the first error ends the loop: the other coroutines' errors
+    are never retrieved (Python prints each, with a 60-line TensorStore spec, when it is collected;
+    asyncio logs each future's) and I/O still in flight reports "Event loop is closed". The caller
+    reports the first error in one line; this drops the echoes."""
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    echoes = _Echoes()
+
+    def closed_loop(value: BaseException | None) -> bool:
+        return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
     def unraisable(u) -> None:
         obj = u.object
         if isinstance(obj, types.CoroutineType) and "/orbax/" in obj.cr_code.co_filename:
             return
-        previous_unraisable(u)
+        if not closed_loop(u.exc_value):
+            previous_unraisable(u)
 
     def excepthook(kind, value, tb) -> None:
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+        if not closed_loop(value):
             previous_except(kind, value, tb)
 
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    loggers = [logging_std.getLogger(name) for name in ("asyncio", "absl")]
+    for logger in loggers:
+        logger.addFilter(echoes)
     try:
         yield
-    finally:
-        time.sleep(0.1)  # let reads still in flight finish against the closed loop
-        gc.collect()  # collect the failed coroutines while the hooks are still ours
-        sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+    except BaseException:
+        # Echoes keep coming as the failed coroutines are collected, up to interpreter exit: the
+        # hooks stay for the rest of this process (they drop those echoes and nothing else).
+        gc.collect()
+        raise
+    sys.unraisablehook, sys.excepthook = previous_unraisable, previous_except
+    for logger in loggers:
+        logger.removeFilter(echoes)
 
 
 def previous_step_hint(checkpoints_dir: pathlib.Path, step: int) -> str:
@@ -160,6 +185,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step of the latest save
 
     @staticmethod
     def steps_in(workdir: str | pathlib.Path) -> list[int]:
@@ -181,7 +207,25 @@ class Checkpointer:
         }
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._writing = step
+        with self._write_errors_named():
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _write_errors_named(self) -> Iterator[None]:
+        """A failed write (disk full, permission) is one OSError naming the step; its partial
+        files (orbax's `<step>.orbax-checkpoint-tmp*`) are removed."""
+        try:
+            with _orbax_echoes_dropped():
+                yield
+        except Exception as e:
+            error = as_os_error(e) if not isinstance(e, PolyglotError) else None
+            if error is None or self._writing is None:
+                raise
+            for partial in self.directory.glob(f"{self._writing}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            where = self.directory / str(self._writing)
+            raise OSError(error.errno, error.strerror, str(where)) from e
 
     def restore_latest(
         self, abstract_params: Any, abstract_opt_state: Any, data_iter: Any | None
@@ -212,7 +256,7 @@ class Checkpointer:
             if data_iter is not None:
                 items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
-                with _unretrieved_read_errors_dropped():
+                with _orbax_echoes_dropped():
                     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - only unreadable files fall back; others raise
                 cause = unreadable_cause(e)  # shapes fit (checked above): the data is damaged
@@ -244,10 +288,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the async save in flight (if any) is committed."""
-        self.manager.wait_until_finished()
+        with self._write_errors_named():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._write_errors_named():
+            self.manager.wait_until_finished()
         self.manager.close()
 
 
@@ -282,7 +328,7 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
         try:
             saved = saved_shapes(step_dir / "params")
             check_fits(step_dir, "params", saved, abstract_params, "config.model must match it")
-            with _unretrieved_read_errors_dropped(), ocp.StandardCheckpointer() as checkpointer:
+            with _orbax_echoes_dropped(), ocp.StandardCheckpointer() as checkpointer:
                 return checkpointer.restore(step_dir / "params", abstract_params), step_dir
         except Exception as e:  # noqa: BLE001 - only unreadable files fall back; others raise
             cause = unreadable_cause(e)

@@ -337,20 +337,20 @@ def to_hf(
         writer = ShardedSafetensorsWriter(tmp, entries, shard_bytes)
         try:
             with tqdm(
-                total=total, unit="B", unit_scale=True, desc="to-hf", disable=not show_progress
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc="to-hf",
+                disable=None if show_progress else True,
             ) as bar:
                 for path, group in groups.items():
-                    _copy_parameter(reader, path, group, writer)
+                    blocks = reader.blocks(path, single_rows=_stacked(group[0]))
+                    _copy_parameter(_read_errors_named(blocks, step_dir, hint), group, writer)
                     bar.update(sum(math.prod(s.hf_shape) for s in group) * out_dtype.itemsize)
             files = writer.close()
-        except BaseException as e:
+        except BaseException:
             writer.abort()
-            cause = unreadable_cause(e) if isinstance(e, Exception) else None
-            if cause is None:
-                raise
-            raise InputError(
-                f"checkpoint {step_dir} cannot be read ({first_line(cause)}){hint}"
-            ) from e
+            raise
         hf_config = hf_mapping.to_hf_config(
             cfg, eos_token_id=eos, bos_token_id=DEFAULT_BOS_ID, torch_dtype=dtype
         )
@@ -366,17 +366,28 @@ def to_hf(
     return Converted(out, files, total, time.perf_counter() - start, step)
 
 
+def _read_errors_named(blocks: Iterator[Any], step_dir: pathlib.Path, hint: str) -> Iterator[Any]:
+    """`blocks`, with a damaged file (truncated, garbled) as one InputError naming the step."""
+    try:
+        yield from blocks
+    except Exception as e:  # noqa: BLE001 - only what says a file cannot be read is renamed
+        cause = unreadable_cause(e)
+        if cause is None:
+            raise
+        raise InputError(f"checkpoint {step_dir} cannot be read ({first_line(cause)}){hint}") from e
+
+
 def _copy_parameter(
-    reader: CheckpointReader,
-    path: tuple[str, ...],
+    blocks: Iterator[tuple[Any, np.ndarray]],
     group: list[hf_mapping.TensorSpec],
     writer: ShardedSafetensorsWriter,
 ) -> None:
-    """Moves one of our parameters (all its layers) into the HF tensors it holds, block by block;
-    the next block is decompressed in a background thread while this one is written."""
+    """Moves one of our parameters (all its layers, as `(index, block)` from the checkpoint) into
+    the HF tensors it holds; the next block is decompressed in a background thread while this one
+    is written."""
     stacked = _stacked(group[0])
     by_layer = {s.layer: s for s in group}
-    for index, block in prefetched(reader.blocks(path, single_rows=stacked)):
+    for index, block in prefetched(blocks):
         if stacked:
             spec, box, piece = by_layer[index[0].start], index[1:], block[0]
         else:
@@ -522,7 +533,11 @@ def from_hf(
         writer = CheckpointWriter(step_dir / "params", arrays, row_chunked=stacked)
         blocks = _our_blocks(weights, stored, specs, writer, param_dtype)
         with tqdm(
-            total=total, unit="B", unit_scale=True, desc="from-hf", disable=not show_progress
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="from-hf",
+            disable=None if show_progress else True,
         ) as bar:
             for path, index, block in prefetched(blocks):
                 writer.write(path, index, block, owned=True)  # each block is a fresh array

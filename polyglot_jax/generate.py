@@ -45,8 +45,11 @@ def generate(
     """
     if not prompt_ids:
         raise InputError("the prompt is empty: give --prompt or --prompt_ids")
-    if max(prompt_ids) >= cfg.vocab_size or min(prompt_ids) < 0:
-        raise InputError(f"prompt ids must lie in [0, {cfg.vocab_size})")
+    bad = [i for i in prompt_ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise InputError(
+            f"prompt id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
+        )
     window = cfg.max_len
     if len(prompt_ids) + max_new_tokens > window:
         raise InputError(

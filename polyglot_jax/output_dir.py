@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import shutil
 import socket
 import tempfile
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from absl import logging
 
-from polyglot_jax.errors import InputError
+from polyglot_jax.errors import InputError, PolyglotError
 
 _PARTIAL = ".partial-"
 _REPLACED = "-replaced"
@@ -102,10 +103,13 @@ def staged(out: str | os.PathLike) -> Iterator[pathlib.Path]:
     as it was. Call `check_output` first: this replaces an existing `out` unconditionally.
     """
     out = pathlib.Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    prefix = f".{out.name}{_PARTIAL}{socket.gethostname()}-{os.getpid()}-"
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        prefix = f".{out.name}{_PARTIAL}{socket.gethostname()}-{os.getpid()}-"
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from e
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
@@ -116,8 +120,34 @@ def staged(out: str | os.PathLike) -> Iterator[pathlib.Path]:
             old = tmp.with_name(tmp.name + _REPLACED)
             os.rename(out, old)
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        plain = isinstance(e, Exception) and not isinstance(e, PolyglotError)
+        error = as_os_error(e) if plain else None
+        if error is None:
+            raise
+        # Name what the user asked for, not the hidden staging directory.
+        where = str(error.filename or "").replace(str(tmp), str(out)) or str(out)
+        raise OSError(error.errno, error.strerror, where) from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# How libraries without OSErrors of their own report one: tokenizers' "(os error 28)",
+# TensorStore's "[os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|os_error_code='(\d+)'")
+
+
+def as_os_error(error: BaseException) -> OSError | None:
+    """The OSError in `error`'s chain, or one made from an errno a library wrote in its message."""
+    link, seen = error, []
+    while link is not None and all(link is not s for s in seen):
+        if isinstance(link, OSError) and link.errno is not None:
+            return link
+        match = _OS_ERROR_CODE.search(str(link))
+        if match:
+            code = int(match.group(1) or match.group(2))
+            return OSError(code, os.strerror(code))
+        seen.append(link)
+        link = link.__cause__ or link.__context__
+    return None

@@ -193,6 +193,9 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the holder's name goes with it: an idle workdir's lock is empty
     finally:
         os.close(fd)  # closing releases the lock

@@ -55,5 +55,7 @@ def test_too_long_or_bad_prompts(hf_dir):
     cfg, params, _ = load_from_hf(hf_dir[0])
     with pytest.raises(InputError, match="exceeds the model's max_len 64"):
         generate(params, cfg, [1] * 60, max_new_tokens=10)
-    with pytest.raises(InputError, match=r"prompt ids must lie in \[0, 128\)"):
+    with pytest.raises(
+        InputError, match=r"prompt id 128 is outside the model's vocabulary \[0, 128\)"
+    ):
         generate(params, cfg, [1, 128], max_new_tokens=1)

@@ -85,8 +85,20 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and "Failed loading config file" in str(e):
         return f"cannot load the config: {lines[-1]}"
     if isinstance(e, AttributeError | KeyError):
-        field = lines[0] if lines else e
-        return f"no such config field {field!r} (check the --config.* overrides)"
+        # KeyError's str() is the repr of its message: read the message itself.
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        for _ in range(3):  # config_dict nests reprs of its messages: unwrap them
+            try:
+                value = ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                break
+            if not isinstance(value, str):
+                break
+            text = value
+        parts = [_unquote(ln.strip()) for ln in text.splitlines() if ln.strip()]
+        field = parts[0] if parts else type(e).__name__
+        hint = f"; {parts[1][0].lower()}{parts[1][1:]}" if len(parts) > 1 else ""
+        return f"no such config field {field!r}{hint} (check the --config.* overrides)"
     return lines[0] if lines else type(e).__name__
 
 
@@ -181,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(sub, message)
     finally:
         absl_logger.removeFilter(_not_none_warning)
+    if len(remaining) > 1 and not getattr(module, "TAKES_WORDS", False):
+        _fail(sub, f"unexpected arguments {remaining[1:]}; flags look like --name=value")
     logging.use_absl_handler()
     logging.get_absl_handler().addFilter(_quiet_libraries)
     try:

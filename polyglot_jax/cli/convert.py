@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from polyglot_jax.errors import ConfigError
 
 DIRECTIONS = ("to-hf", "from-hf")
+TAKES_WORDS = True  # the direction
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "to-hf: the run directory (config.json, checkpoints/)."
@@ -63,6 +64,13 @@ def main(argv):
             f"say which way: convert to-hf ... or convert from-hf ... (got {' '.join(words) or 'nothing'})"
         )
     from polyglot_jax import convert  # after flag parsing: keeps --help and usage errors fast
+    from polyglot_jax.errors import InputError
+    from polyglot_jax.hf_files import parse_size
+
+    try:
+        parse_size(_MAX_SHARD_SIZE.value)
+    except InputError as e:
+        raise ConfigError(f"--max_shard_size: {e}") from None
 
     if words[0] == "to-hf":
         workdir = _required(_WORKDIR)

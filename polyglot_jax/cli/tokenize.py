@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 
@@ -25,9 +26,14 @@ _NUM_WORKERS = flags.DEFINE_integer(
 _EOS_TOKEN = flags.DEFINE_string(
     "eos_token", None, "Token appended to each document (default: <|endoftext|> if in the vocab)."
 )
+_PROGRESS = flags.DEFINE_bool(
+    "progress", None, "Show a progress bar on stderr (default: when stderr is a terminal)."
+)
 
 
 def main(argv: list[str]) -> int | None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     for flag in (_TOKENIZER, _INPUT, _OUTPUT):
         if not flag.value:
             raise ConfigError(f"--{flag.name} is required")
@@ -40,6 +46,7 @@ def main(argv: list[str]) -> int | None:
         shard_chars=_SHARD_CHARS.value,
         num_workers=_NUM_WORKERS.value or os.cpu_count() or 1,
         eos_token=_EOS_TOKEN.value,
+        show_progress=sys.stderr.isatty() if _PROGRESS.value is None else _PROGRESS.value,
     )
     print(
         f"{_OUTPUT.value}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens "

@@ -34,6 +34,8 @@ def main(argv: list[str]) -> int | None:
         raise ConfigError("--input is required (comma-separated files, directories or globs)")
     if not _OUTPUT.value:
         raise ConfigError("--output is required")
+    if _MAX_DOCUMENTS.value is not None and _MAX_DOCUMENTS.value <= 0:
+        raise ConfigError(f"--max_documents={_MAX_DOCUMENTS.value} must be positive")
     files = list_input_files(_INPUT.value)
     texts = itertools.chain.from_iterable(iter_texts(f, _FIELD.value) for f in files)
     if _MAX_DOCUMENTS.value is not None:

@@ -355,6 +355,7 @@ class _Tally:
         self.skipped: collections.Counter = collections.Counter()
         self.examples: list[dict[str, Any]] = []
         self.max_examples = max_examples
+        self.bad_files: list[str] = []  # one summary per input with skipped records
 
 
 def _batches(
@@ -389,11 +390,9 @@ def _batches(
                 progress.update(len(batch))
                 yield batch
                 batch = []
-        if skipped:
-            # Clears the progress bar first, so that the warning is a line of its own.
-            with tqdm.tqdm.external_write_mode(file=sys.stderr):
-                error = stream_errors[0] if stream_errors else None
-                logging.warning("clean: %s", skip_summary(path, documents, skipped, error))
+        if skipped:  # said once the bar is gone (clean_files), or as the error if nothing was read
+            error = stream_errors[0] if stream_errors else None
+            tally.bad_files.append(skip_summary(path, documents, skipped, error))
     if batch:
         progress.update(len(batch))
         yield batch
@@ -456,6 +455,13 @@ def clean_files(
     workers = config.workers or os.cpu_count() or 1
     with staged(output_dir) as tmp_dir:
         report = _run(files, os.fspath(tmp_dir), config, workers, progress)
+        bad_files = report["skipped"]["files"]
+        if bad_files and report["documents"]["read"] <= sum(report["skipped"]["counts"].values()):
+            # Nothing readable at all is a wrong input, not a corpus that cleaned down to nothing.
+            more = f" (and {len(bad_files) - 1} more such files)" if len(bad_files) > 1 else ""
+            raise InputError(f"no document could be read: {bad_files[0]}{more}")
+        for summary in bad_files:
+            logging.warning("clean: %s", summary)
         with open(tmp_dir / "report.json", "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=1)
             f.write("\n")
@@ -484,7 +490,7 @@ def _run(
         desc="clean",
         unit="doc",
         file=sys.stderr,
-        disable=not progress,
+        disable=None if progress else True,
         mininterval=0.5,
         smoothing=0.1,
     )
@@ -518,7 +524,11 @@ def _run(
             "kept": writer.documents,
         },
         "bytes": {"in": bytes_in, "out": writer.bytes_out},
-        "skipped": {"counts": dict(sorted(tally.skipped.items())), "examples": tally.examples},
+        "skipped": {
+            "counts": dict(sorted(tally.skipped.items())),
+            "examples": tally.examples,
+            "files": tally.bad_files,
+        },
         "rules": stats.to_json(config),
         "seconds": round(seconds, 3),
         "workers": workers,

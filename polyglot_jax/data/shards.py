@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import itertools
 import json
 import multiprocessing
@@ -273,7 +272,19 @@ def tokenize_to_shards(
     Each document becomes its token ids + eos (`load_tokenizer` picks the eos unless `eos_token`
     says). Shards already finished by an earlier run with the same inputs and settings are kept
     (InputError if the directory holds shards of another run). `num_workers > 1` tokenizes shards
-    in that many processes, one core each."""
+    in that many processes, one core each.
+
+    Temporary files (`NAME.tmp-PID`) that dead processes left in `output_dir` are removed with a
+    warning; a live process's are left alone. A run that fails removes its own temporary files,
+    and `output_dir` when this run created it (an interrupted one keeps its finished shards for
+    the next run to resume). An I/O error (disk full, permission denied) is an OSError naming
+    the file or directory."""
+    import errno
+    import re
+    import shutil
+
+    from absl import logging
+
     if block_tokens < 1:
         raise ConfigError(f"block_tokens={block_tokens} must be positive")
     if shard_chars < 1:
@@ -281,76 +292,130 @@ def tokenize_to_shards(
     files = list_input_files(inputs)
     loaded = load_tokenizer(tokenizer, eos_token=eos_token)
     directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(str(directory / f"*{_TMP}*")):
-        os.remove(stale)  # left by a run that died mid-write
-    settings = {
-        "format": FORMAT,
-        "tokenizer_sha256": loaded.sha256,
-        "eos_id": loaded.eos_id,
-        "vocab_size": loaded.vocab_size,
-        "token_dtype": token_dtype(loaded.vocab_size).name,
-        "block_tokens": block_tokens,
-    }
-    skipped: collections.Counter = collections.Counter()
-    shards: dict[int, dict] = {}
-    bar = tqdm(desc="tokenize", unit="doc", unit_scale=True, disable=not show_progress)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"output {directory} exists and is not a directory")
+    created = None  # the topmost directory this run makes: removed again if the run fails
+    for parent in (directory, *directory.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"output {directory}: {parent} is a file, not a directory")
+            break
+        created = parent
 
-    def done(stats: dict, index: int) -> None:
-        shards[index] = stats
-        bar.update(stats["documents"])
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's live process
+            return True
+        return True
 
-    chunks = enumerate(_document_chunks(files, field, shard_chars, skipped))
-    if num_workers <= 1:
-        for index, (texts, chars) in chunks:
-            stats = _finished_stats(directory, index, len(texts), chars, settings)
-            if stats is None:
-                stats = _tokenize_shard(
-                    index, texts, chars, str(directory), settings, loaded.tokenizer
-                )
-            done(stats, index)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once JAX/threads are running
-        json_path = str(tokenizer_json_path(tokenizer))
-        with contextlib.ExitStack() as stack:
-            pool = None  # started at the first shard to do: a finished re-run needs none
-            pending: collections.deque = collections.deque()
+    def remove_temporaries(warn: bool) -> None:
+        """`NAME.tmp-PID` files of dead processes (and of this one: it calls this when failing)."""
+        for stale in sorted(directory.glob(f"*{_TMP}*")):
+            pid = stale.name.rpartition(_TMP)[2]
+            if not pid.isdigit() or (int(pid) != os.getpid() and alive(int(pid))):
+                continue  # not one of ours, or a live process's
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+            if warn:
+                logging.warning("removed %s, left by an interrupted run (process %s)", stale, pid)
+
+    def named(e: Exception) -> Exception:
+        """I/O errors as OSErrors naming a path: the ArrayRecord writer raises RuntimeError with
+        the system's message, and failed JSON writes carry no file name."""
+        if isinstance(e, OSError) and not e.filename:
+            return OSError(e.errno, e.strerror or str(e), str(directory))
+        if isinstance(e, RuntimeError):
+            for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                if os.strerror(code) in str(e):
+                    found = re.search(rf"writing (\S+?)(?:{re.escape(_TMP)}\d+)?;", str(e))
+                    return OSError(code, os.strerror(code), found[1] if found else str(directory))
+        return e
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(warn=True)
+        settings = {
+            "format": FORMAT,
+            "tokenizer_sha256": loaded.sha256,
+            "eos_id": loaded.eos_id,
+            "vocab_size": loaded.vocab_size,
+            "token_dtype": token_dtype(loaded.vocab_size).name,
+            "block_tokens": block_tokens,
+        }
+        skipped: collections.Counter = collections.Counter()
+        shards: dict[int, dict] = {}
+        bar = tqdm(
+            desc="tokenize", unit="doc", unit_scale=True, disable=None if show_progress else True
+        )
+
+        def done(stats: dict, index: int) -> None:
+            shards[index] = stats
+            bar.update(stats["documents"])
+
+        chunks = enumerate(_document_chunks(files, field, shard_chars, skipped))
+        if num_workers <= 1:
             for index, (texts, chars) in chunks:
                 stats = _finished_stats(directory, index, len(texts), chars, settings)
-                if stats is not None:
-                    done(stats, index)
-                    continue
-                if pool is None:
-                    pool = stack.enter_context(
-                        ctx.Pool(num_workers, initializer=_init_worker, initargs=(json_path,))
+                if stats is None:
+                    stats = _tokenize_shard(
+                        index, texts, chars, str(directory), settings, loaded.tokenizer
                     )
-                task = (index, texts, chars, str(directory), settings)
-                pending.append((index, pool.apply_async(_tokenize_shard, task)))
-                while len(pending) >= 2 * num_workers:  # bounded: inputs may be huge
+                done(stats, index)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork is unsafe once JAX/threads run
+            json_path = str(tokenizer_json_path(tokenizer))
+            with contextlib.ExitStack() as stack:
+                pool = None  # started at the first shard to do: a finished re-run needs none
+                pending: collections.deque = collections.deque()
+                for index, (texts, chars) in chunks:
+                    stats = _finished_stats(directory, index, len(texts), chars, settings)
+                    if stats is not None:
+                        done(stats, index)
+                        continue
+                    if pool is None:
+                        pool = stack.enter_context(
+                            ctx.Pool(num_workers, initializer=_init_worker, initargs=(json_path,))
+                        )
+                    task = (index, texts, chars, str(directory), settings)
+                    pending.append((index, pool.apply_async(_tokenize_shard, task)))
+                    while len(pending) >= 2 * num_workers:  # bounded: inputs may be huge
+                        i, result = pending.popleft()
+                        done(result.get(), i)
+                while pending:
                     i, result = pending.popleft()
                     done(result.get(), i)
-            while pending:
-                i, result = pending.popleft()
-                done(result.get(), i)
-    bar.close()
-    if not shards:
-        raise InputError(f"no documents in {', '.join(map(str, files))}")
-    ordered = [shards[i] for i in range(len(shards))]
-    manifest = {
-        **settings,
-        "documents": sum(s["documents"] for s in ordered),
-        "tokens": sum(s["tokens"] for s in ordered),
-        "records": sum(s["records"] for s in ordered),
-        "shards": [{k: s[k] for k in ("file", "documents", "tokens", "records")} for s in ordered],
-        # Absolute: the tokens directory is what gets moved or copied (to a data disk, to every
-        # host), usually without the tokenizer, which stays where it was made.
-        "tokenizer": str(Path(loaded.path).resolve()),
-        "inputs": [str(f) for f in files],
-        "field": field,
-        "shard_chars": shard_chars,
-        "skipped": dict(sorted(skipped.items())),
-    }
-    _replace_json(directory / MANIFEST, manifest)
+        bar.close()
+        if not shards:
+            raise InputError(f"no documents in {', '.join(map(str, files))}")
+        ordered = [shards[i] for i in range(len(shards))]
+        manifest = {
+            **settings,
+            "documents": sum(s["documents"] for s in ordered),
+            "tokens": sum(s["tokens"] for s in ordered),
+            "records": sum(s["records"] for s in ordered),
+            "shards": [
+                {k: s[k] for k in ("file", "documents", "tokens", "records")} for s in ordered
+            ],
+            # Absolute: the tokens directory is what gets moved or copied (to a data disk, to
+            # every host), usually without the tokenizer, which stays where it was made.
+            "tokenizer": str(Path(loaded.path).resolve()),
+            "inputs": [str(f) for f in files],
+            "field": field,
+            "shard_chars": shard_chars,
+            "skipped": dict(sorted(skipped.items())),
+        }
+        _replace_json(directory / MANIFEST, manifest)
+    except BaseException as e:
+        if directory.is_dir():
+            remove_temporaries(warn=False)  # the pool's workers have exited: theirs go too
+        if created is not None and not isinstance(e, KeyboardInterrupt):
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(e, Exception) and (report := named(e)) is not e:
+            raise report from e
+        raise
     return manifest
 
 

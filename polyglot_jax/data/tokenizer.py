@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -299,13 +300,15 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=list(LEADING_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=show_progress and sys.stderr.isatty(),  # its bars would flood a log file
     )
     documents = 0
 
     def counted(stream: Iterable[str]) -> Iterator[str]:
         nonlocal documents
-        for text in tqdm(stream, desc="mark morphemes", unit="doc", disable=not show_progress):
+        for text in tqdm(
+            stream, desc="mark morphemes", unit="doc", disable=None if show_progress else True
+        ):
             documents += 1
             yield text
 
@@ -313,7 +316,8 @@ def train_tokenizer(
         counted(iter_training_texts(texts, num_workers=num_workers)), trainer
     )
     if documents == 0:
-        raise InputError("no documents to train the tokenizer on")
+        where = f" in {', '.join(map(str, inputs))}" if inputs else ""
+        raise InputError(f"no documents to train the tokenizer on{where}")
     tokenizer.add_special_tokens(list(TRAILING_SPECIAL_TOKENS))
     tokenizer.pre_tokenizer = _inference_pre_tokenizer()
     got = tokenizer.get_vocab_size(with_added_tokens=True)

@@ -48,7 +48,14 @@ def test_clean_cli(tmp_path):
     assert again.stderr.strip().splitlines() == [
         f"polyglot-jax clean: error: output directory {out} is not empty (pass --overwrite to replace it)"
     ]
-    assert _run(f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", "--overwrite").returncode == 0
+    again = _run(f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", "--overwrite")
+    assert again.returncode == 2  # no record has the default field `text`: nothing to clean
+    assert "no document could be read" in again.stderr and "missing_field 4" in again.stderr
+    assert (out / "report.json").is_file()  # the earlier output survives the refused run
+    rerun = _run(
+        f"--input={tmp_path / 'a.jsonl'}", f"--output={out}", "--field=body", "--overwrite"
+    )
+    assert rerun.returncode == 0
 
 
 def test_clean_cli_usage_errors(tmp_path):
