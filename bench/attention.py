@@ -11,7 +11,8 @@ backward 2.5x the forward). Implementations: this package's kernels (without and
 with packed segments), the same as Hopper (Mosaic GPU) kernels, jax.nn.dot_product_attention's XLA
 and cuDNN paths, and XLA/cuDNN after a separate jnp RoPE (what the fused kernel replaces). RoPE: the
 standalone kernel's GB/s (bytes read and written) against XLA's fused jnp RoPE and against a plain
-XLA elementwise pass (the HBM bandwidth reached in practice). Imports only jax, numpy, the standard library and polyglot_jax.kernels.
+XLA elementwise pass (the HBM bandwidth reached in practice). Imports only jax, numpy, the standard
+library, polyglot_jax.kernels and polyglot_jax.rope (the model's jnp RoPE, what XLA fuses on its own).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from polyglot_jax.kernels import Tiling, flash_attention, rope  # noqa: E402
 from polyglot_jax.kernels import backend as backend_lib  # noqa: E402
+from polyglot_jax.rope import apply_rope  # noqa: E402
 
 ROTARY_DIM = 64
+ROPE_BASE = 10000.0  # the kernels' default rope_base
 GOAL_FORWARD_TFLOPS = 400.0  # H100, seq 2048, head_dim 128, causal, bf16
 GOAL_FWD_BWD_VS_CUDNN = 0.9
 GOAL_ROPE_VS_HBM = 0.8
@@ -66,18 +69,6 @@ def attention_flops(b: int, t: int, h: int, d: int, causal: bool, backward: bool
 # -------------------------------------------------------------------------------- implementations
 
 
-def jnp_rope(x, positions, rotary_dim: int, base: float = 10000.0):
-    """The model's RoPE in jnp (= HF GPTNeoX): what XLA fuses on its own."""
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    x_rot = x[..., :rotary_dim].astype(jnp.float32)
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    out = x_rot * jnp.cos(emb) + rotated * jnp.sin(emb)
-    return jnp.concatenate([out.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
-
-
 def attention_impls(interpret: bool):
     """name -> fn(q, k, v, positions, segment_ids) for every implementation to time."""
     kernel = dict(interpret=interpret)
@@ -90,7 +81,7 @@ def attention_impls(interpret: bool):
     def xla(implementation, rotary):
         def fn(q, k, v, positions, segment_ids):
             if rotary:
-                q, k = jnp_rope(q, positions, ROTARY_DIM), jnp_rope(k, positions, ROTARY_DIM)
+                q, k = (apply_rope(x, positions, ROTARY_DIM, ROPE_BASE) for x in (q, k))
             return jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, implementation=implementation
             )
@@ -188,7 +179,7 @@ def bench_rope(args, interpret: bool) -> list[dict]:
     table_bytes = 2 * b * t * (ROTARY_DIM // 2) * 4
     cases = {
         "hbm_elementwise": (lambda x, p: x + jnp.ones((), x.dtype), 2 * x_bytes),
-        "xla_jnp_rope": (lambda x, p: jnp_rope(x, p, ROTARY_DIM), 2 * x_bytes),
+        "xla_jnp_rope": (lambda x, p: apply_rope(x, p, ROTARY_DIM, ROPE_BASE), 2 * x_bytes),
         "pallas_rope": (
             lambda x, p: rope(x, p, rotary_dim=ROTARY_DIM, interpret=interpret),
             2 * x_bytes + table_bytes,

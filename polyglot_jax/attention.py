@@ -1,7 +1,7 @@
 """Causal self-attention cores, picked by `config.model.attention_impl`.
 
 All take q, k, v *before* RoPE, because the Pallas kernel rotates inside its tiles; the other
-implementations rotate first with the jnp reference in `rotary.py`.
+implementations rotate first with the jnp reference in `rope.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from polyglot_jax.errors import ConfigError
-from polyglot_jax.rotary import apply_rope
+from polyglot_jax.rope import apply_rope
 
 # pallas_hopper: the Pallas kernels for Hopper (Mosaic GPU); H100 only (GPU interpret
 # mode on CPU, for tests).
@@ -64,10 +64,10 @@ def xla_attention(q, k, v, segment_ids=None):
 
 
 def pallas_attention(
-    q, k, v, positions, segment_ids, rotary_dim: int, rope_base: float, hopper: bool = False
+    q, k, v, positions, segment_ids, rotary_dim: int, rope_base: float, backend: str | None = None
 ):
-    """The fused Pallas kernel (RoPE inside), run per shard of batch and heads; with ``hopper``
-    its forward is the Mosaic GPU kernel.
+    """The fused Pallas kernel (RoPE inside), run per shard of batch and heads; ``backend`` as in
+    ``flash_attention`` (``"mosaic_gpu"``: the Hopper kernels, in GPU interpret mode on CPU).
 
     A Pallas call cannot be partitioned automatically, so under a mesh it runs in `shard_map`
     with the specs the logical rules give q/k/v; the sequence axis must stay whole on each device.
@@ -83,12 +83,12 @@ def pallas_attention(
             positions=positions,
             rotary_dim=rotary_dim,
             rope_base=rope_base,
-            **hopper_args,
+            **backend_args,
         )
 
-    hopper_args = {}
-    if hopper:
-        hopper_args = dict(backend="mosaic_gpu", interpret=jax.default_backend() == "cpu")
+    backend_args = {} if backend is None else {"backend": backend}
+    if backend == "mosaic_gpu":  # Pallas' GPU interpret mode on CPU (tests)
+        backend_args["interpret"] = jax.default_backend() == "cpu"
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -132,8 +132,8 @@ def attend(
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
     if impl in ("pallas", "pallas_hopper"):
-        hopper = impl == "pallas_hopper"
-        return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base, hopper)
+        backend = "mosaic_gpu" if impl == "pallas_hopper" else None
+        return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base, backend)
     q = apply_rope(q, positions, rotary_dim, rope_base)
     k = apply_rope(k, positions, rotary_dim, rope_base)
     if impl == "cudnn":

@@ -92,7 +92,7 @@ class ModelConfig:
                 f"config.model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
             )
         if self.attention_impl == "pallas_hopper":
-            from polyglot_jax.kernels.flash_attention_hopper import HEAD_DIMS, ROTARY_DIMS
+            from polyglot_jax.kernels.hopper_common import HEAD_DIMS, ROTARY_DIMS
 
             if (
                 self.dtype not in ("bfloat16", "float16")

@@ -3,7 +3,8 @@
 Imports only jax, numpy and the standard library (the GPU benchmark machine has nothing else).
 """
 
-from polyglot_jax.kernels.flash_attention import Tiling, flash_attention, flash_attention_with_lse
-from polyglot_jax.kernels.rope import rope
+from polyglot_jax.kernels.flash_attention import flash_attention, flash_attention_with_lse
+from polyglot_jax.kernels.plan import Tiling
+from polyglot_jax.kernels.rope_kernel import rope
 
 __all__ = ["Tiling", "flash_attention", "flash_attention_with_lse", "rope"]

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from polyglot_jax.kernels import flash_attention, rope
-from polyglot_jax.kernels.flash_attention_hopper import HEAD_DIMS as HOPPER_HEAD_DIMS
-from polyglot_jax.kernels.flash_attention_hopper import ROTARY_DIMS as HOPPER_ROTARY_DIMS
+from polyglot_jax.kernels.hopper_common import HEAD_DIMS as HOPPER_HEAD_DIMS
+from polyglot_jax.kernels.hopper_common import ROTARY_DIMS as HOPPER_ROTARY_DIMS
 
 TARGETS = {"cuda": ("triton", "__gpu$xla.gpu.triton"), "tpu": ("mosaic_tpu", "tpu_custom_call")}
 MOSAIC_GPU_CALL = "mosaic_gpu_v2"

@@ -1,6 +1,6 @@
 """Standalone NeoX partial RoPE as a Pallas kernel (forward and backward) for the non-fused paths.
 
-``rope(x, positions, rotary_dim=...)`` equals the model's jnp RoPE (see ``rotary``): the first
+``rope(x, positions, rotary_dim=...)`` equals the model's jnp RoPE (``polyglot_jax.rope``): the first
 ``rotary_dim`` dims of every head are rotated rotate-half style, the rest copied. A memory-bound kernel:
 it reads x once and writes the output once (plus the small float32 cos/sin tables). The backward is the
 same kernel with the angle negated (a rotation's transpose is its inverse).
@@ -22,18 +22,18 @@ from jax.experimental import pallas as pl
 
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kernels import backend as backend_lib
-from polyglot_jax.kernels import rotary
+from polyglot_jax.kernels import rope_tiles
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _RopePlan:
     batch: int
     seq_len: int
     padded_len: int
     heads: int
     head_dim: int
     rotary_dim: int
-    chunks: tuple[rotary.Chunk, ...]
+    chunks: tuple[rope_tiles.Chunk, ...]
     block_t: int
     tables_batched: bool
     backend: str
@@ -42,19 +42,19 @@ class _Plan:
     heads_per_program: int  # 1 ([block_t, head_dim] tiles) or all heads ([block_t, heads*head_dim])
 
 
-def _rope_kernel(plan: _Plan, inverse: bool, *, x, cos, sin, out):
+def _rope_kernel(plan: _RopePlan, inverse: bool, *, x, cos, sin, out):
     """x/out: [block_t, heads_per_program * head_dim]; cos/sin: float32 [block_t, rotary_dim / 2]."""
     c, s = cos[...], sin[...]
     if inverse:
         s = -s
     for h in range(plan.heads_per_program):
         offset = h * plan.head_dim
-        tiles = rotary.load_rotated(x, slice(None), plan.chunks, True, c, s, offset=offset)
+        tiles = rope_tiles.load_rotated(x, slice(None), plan.chunks, True, c, s, offset=offset)
         for (start, size), tile in zip(plan.chunks, tiles, strict=True):
             out[:, offset + start : offset + start + size] = tile.astype(out.dtype)
 
 
-def _rope_call(plan: _Plan, x, cos, sin, inverse: bool):
+def _rope_call(plan: _RopePlan, x, cos, sin, inverse: bool):
     """x: [batch, padded_len, heads, head_dim] -> same, rotated (or un-rotated when ``inverse``)."""
     b, t, h, d, bt = plan.batch, plan.padded_len, plan.heads, plan.head_dim, plan.block_t
     half = plan.rotary_dim // 2
@@ -86,15 +86,15 @@ def _rope_call(plan: _Plan, x, cos, sin, inverse: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rope(plan: _Plan, x, cos, sin):
+def _rope(plan: _RopePlan, x, cos, sin):
     return _rope_call(plan, x, cos, sin, inverse=False)
 
 
-def _rope_fwd(plan: _Plan, x, cos, sin):
+def _rope_fwd(plan: _RopePlan, x, cos, sin):
     return _rope_call(plan, x, cos, sin, inverse=False), (cos, sin)
 
 
-def _rope_bwd(plan: _Plan, residuals, g):
+def _rope_bwd(plan: _RopePlan, residuals, g):
     cos, sin = residuals
     return _rope_call(plan, g, cos, sin, inverse=True), None, None
 
@@ -149,18 +149,18 @@ def rope(
         return x
     block_t = min(block_t, max(8, 1 << max(t - 1, 0).bit_length()))
     padded = -(-t // block_t) * block_t
-    cos, sin = rotary.rope_tables(positions.astype(jnp.int32), rotary_dim, base)
+    cos, sin = rope_tiles.rope_tables(positions.astype(jnp.int32), rotary_dim, base)
     if padded != t:  # ragged lengths cost a padded copy; training lengths are block multiples
         x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
         cos, sin = (jnp.pad(a, ((0, 0), (0, padded - t), (0, 0))) for a in (cos, sin))
-    plan = _Plan(
+    plan = _RopePlan(
         batch=b,
         seq_len=t,
         padded_len=padded,
         heads=h,
         head_dim=d,
         rotary_dim=rotary_dim,
-        chunks=rotary.head_chunks(d, rotary_dim),
+        chunks=rope_tiles.head_chunks(d, rotary_dim),
         block_t=block_t,
         tables_batched=cos.shape[0] > 1,
         backend=lowering,

@@ -18,6 +18,7 @@ import pytest
 
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kernels import rope
+from polyglot_jax.rope import apply_rope
 
 
 def reference_rope(x, positions, rotary_dim, base, inverse=False):
@@ -103,6 +104,18 @@ def test_default_base_matches_model_jnp_rope():
     x_rot = x[..., :rot]
     rotated_half = jnp.concatenate([-x_rot[..., rot // 2 :], x_rot[..., : rot // 2]], axis=-1)
     want = jnp.concatenate([x_rot * jnp.cos(emb) + rotated_half * jnp.sin(emb), x[..., rot:]], -1)
+    got = rope(x, positions, rotary_dim=rot, block_t=16, poison_outputs=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_matches_the_models_apply_rope():
+    """The kernel against ``polyglot_jax.rope.apply_rope`` itself (what the xla and cudnn attention
+    paths rotate with), at restarting positions and a partial rotary_dim."""
+    rng = np.random.default_rng(2)
+    b, t, h, d, rot = 2, 48, 3, 64, 32
+    x = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    positions = jnp.asarray(np.concatenate([np.arange(20), np.arange(28)])[None].repeat(b, 0))
+    want = apply_rope(x, positions, rot, 10000.0)
     got = rope(x, positions, rotary_dim=rot, block_t=16, poison_outputs=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 

@@ -1,10 +1,11 @@
-"""The Hopper (Mosaic GPU) forward, run in Pallas' GPU interpret mode against the float64 reference.
+"""The Hopper (Mosaic GPU) kernels, run in Pallas' GPU interpret mode against the float64 reference.
 
 GPU interpret mode simulates the kernel's three warp groups, its shared memory (allocated as NaN, so
 an unwritten output or buffer shows), TMA copies and barriers, with the happens-before race detector
 on; only wgmma is replaced by a dot of the same shared-memory contents. Gradients go through the
-portable backward kernels (interpret mode here, Triton on the GPU). Lowering for CUDA (the real
-Mosaic GPU compiler passes, layouts, shared-memory budget) is checked in test_lowering.
+Hopper backward (``hopper_backward``) up to head_dim 128 and through the portable backward kernels at
+256 (interpret mode here, Triton on the GPU). Lowering for CUDA (the real Mosaic GPU compiler passes,
+layouts, shared-memory budget) is checked in test_lowering.
 """
 
 import dataclasses

@@ -1,8 +1,8 @@
 """The flash-attention backward for Hopper (sm_90) in Pallas Mosaic GPU: a dQ and a dK/dV kernel.
 
-The math of the portable backward kernels in ``flash_attention`` (scores recomputed tile by tile from
-the forward's base-2 logsumexp, ``dS = P * (dP - delta)``, RoPE applied to q/k tiles in-kernel and
-its transpose to dQ/dK at the end), laid out like the Hopper forward in ``flash_attention_hopper``:
+The math of the portable backward kernels in ``portable`` (scores recomputed tile by tile from the
+forward's base-2 logsumexp, ``dS = P * (dP - delta)``, RoPE applied to q/k tiles in-kernel and its
+transpose to dQ/dK at the end), laid out like the Hopper forward in ``hopper_forward``:
 per program, each compute warp group owns one tile (64 query rows for dQ, 64 key rows for dK/dV)
 and a TMA warp group streams the other side's tiles through a ring of shared-memory slots.
 
@@ -13,47 +13,41 @@ for head_dim up to 128 only; head_dim 256 keeps the Triton backward (``supported
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from polyglot_jax.kernels import rotary
-from polyglot_jax.kernels.flash_attention_hopper import (
+from polyglot_jax.kernels import rope_tiles
+from polyglot_jax.kernels.hopper_common import (
     COMPUTE_REGISTERS,
-    LOG2_E,
-    MASK_VALUE,
     TMA_REGISTERS,
     Head,
-    HopperTiling,
-    _plgpu,
-    _Registers,
-    _smem,
+    Registers,
     launch,
+    mosaic_gpu,
     n_tile_copies,
     pass_over,
     rotated_chunks,
+    smem,
     stream,
     visible,
 )
-
-if TYPE_CHECKING:
-    from polyglot_jax.kernels.flash_attention import _Plan
+from polyglot_jax.kernels.plan import LOG2_E, MASK_VALUE, HopperTiling, Plan
 
 
-def supported(plan: _Plan) -> bool:
+def supported(plan: Plan) -> bool:
     """Whether the Hopper backward's buffers fit shared memory for this plan."""
     return plan.head_dim <= 128
 
 
-def _unrotated(regs: _Registers, plan: _Plan, grads: list, table_bufs, index) -> list:
+def _unrotated(regs: Registers, plan: Plan, grads: list, table_bufs, index) -> list:
     """Per-chunk float32 gradients of a rotated tile, scaled by sm_scale and rotated back."""
     grads = [g * plan.sm_scale for g in grads]
     if plan.rotary:
         cos, sin = regs.load(table_bufs[0].at[index]), regs.load(table_bufs[1].at[index])
-        grads[0], grads[1] = rotary.unrotate(grads[0], grads[1], cos, sin)
+        grads[0], grads[1] = rope_tiles.unrotate(grads[0], grads[1], cos, sin)
     return grads
 
 
@@ -68,24 +62,24 @@ def _store(plgpu, head: Head, name: str, rows, grads: list, chunk_bufs, index) -
         )
 
 
-def _side_buffers(plgpu, plan: _Plan, dtype, count: int, rows: int, queries: bool) -> tuple:
+def _side_buffers(plgpu, plan: Plan, dtype, count: int, rows: int, queries: bool) -> tuple:
     """Shared buffers for ``count`` tiles of ``rows`` rows of one side of attention: (head-dim
     chunks, a full [rows, D] tile, lse, delta, cos/sin, segment ids). The full tile is dO on the
     query side and V on the key side; lse/delta exist on the query side only."""
     stat = lambda: plgpu.SMEM((count, rows), jnp.float32) if queries else None  # noqa: E731
     return (
-        [_smem(plgpu, (count, rows, n), dtype, True) for _, n in plan.chunks],
-        _smem(plgpu, (count, rows, plan.head_dim), dtype, True),
+        [smem(plgpu, (count, rows, n), dtype, True) for _, n in plan.chunks],
+        smem(plgpu, (count, rows, plan.head_dim), dtype, True),
         stat(),
         stat(),
-        [_smem(plgpu, (count, rows, plan.rotary_dim // 2), jnp.float32, True) for _ in range(2)]
+        [smem(plgpu, (count, rows, plan.rotary_dim // 2), jnp.float32, True) for _ in range(2)]
         if plan.rotary
         else None,
         plgpu.SMEM((count, rows), jnp.int32) if plan.segmented else None,
     )
 
 
-def _side_copies(plan: _Plan, queries: bool) -> int:
+def _side_copies(plan: Plan, queries: bool) -> int:
     """TMA copies ``_load_side`` makes for one tile: the tile, then dO, lse, delta or V."""
     return n_tile_copies(plan) + (3 if queries else 1)
 
@@ -104,17 +98,17 @@ def _load_side(plgpu, head: Head, bufs: tuple, rows, index, barrier, queries: bo
         plgpu.copy_gmem_to_smem(refs["v"].at[b, rows, h], full.at[index], barrier)
 
 
-def _private_halves(plgpu, plan: _Plan, dtype, groups: int, rows: int):
+def _private_halves(plgpu, plan: Plan, dtype, groups: int, rows: int):
     """Each compute group's buffers for the rotated halves of a streamed (shared) tile."""
     if not plan.rotary:
         return None
-    return [_smem(plgpu, (groups, rows, plan.rotary_dim // 2), dtype, True) for _ in range(2)]
+    return [smem(plgpu, (groups, rows, plan.rotary_dim // 2), dtype, True) for _ in range(2)]
 
 
-def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
+def _dq_kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
     """Program: ``groups`` query tiles of block_q rows; streams key tiles of block_k rows."""
-    plgpu = _plgpu()
-    regs = _Registers(plan.hopper_interpret)
+    plgpu = mosaic_gpu()
+    regs = Registers(plan.hopper_interpret)
     refs = dict(zip(names, refs, strict=True))
     chunks, dtype = plan.chunks, refs["q"].dtype
     bq, bk, stages, groups = tiling.block_q, tiling.block_k, tiling.stages, tiling.groups
@@ -200,11 +194,11 @@ def _dq_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     )
 
 
-def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
+def _dkdv_kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
     """Program: ``groups`` key tiles of block_q rows (the wgmma M side); streams query tiles of
     block_k rows. Scores are computed transposed, ``S^T = K Q^T``, so nothing needs a transpose."""
-    plgpu = _plgpu()
-    regs = _Registers(plan.hopper_interpret)
+    plgpu = mosaic_gpu()
+    regs = Registers(plan.hopper_interpret)
     refs = dict(zip(names, refs, strict=True))
     chunks, dtype, d = plan.chunks, refs["q"].dtype, plan.head_dim
     bk, bq, stages, groups = tiling.block_q, tiling.block_k, tiling.stages, tiling.groups
@@ -300,11 +294,11 @@ def _dkdv_kernel(plan: _Plan, tiling: HopperTiling, names: list[str], *refs):
     )
 
 
-def backward(plan: _Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin, do, lse, delta):
+def backward(plan: Plan, tiling: HopperTiling, q, k, v, seg_q, seg_k, cos, sin, do, lse, delta):
     """(dq, dk, dv) [B, T, H, D] in q's dtype on padded bthd arrays.
 
     lse/delta: float32 [B, H, T, 1], base 2, lse +inf on rows that see no key (as the portable
-    backward takes them); the rest as in ``flash_attention_hopper.forward``.
+    backward takes them); the rest as in ``hopper_forward.forward``.
     """
     inputs = {
         "q": q,
