@@ -19,9 +19,14 @@ from absl import logging
 
 from polyglot_jax.data.pipeline import default_data_config
 from polyglot_jax.errors import ConfigError, InputError
-from polyglot_jax.model import ModelConfig
+from polyglot_jax.model import ModelConfig, abstract_params
 from polyglot_jax.optimizer import DECAYS
-from polyglot_jax.partitioning import axis_size, check_divisibility, resolve_mesh_shape
+from polyglot_jax.partitioning import (
+    axis_size,
+    check_divisibility,
+    resolve_mesh_shape,
+    rules_from_config,
+)
 
 # jax.random.key keeps 32 bits of the seed without x64: 2**32 would silently equal 0.
 SEED_LIMIT = 2**32
@@ -298,5 +303,14 @@ def validate(
         raise ConfigError("config needs the sections config.model and config.mesh")
     model_cfg = ModelConfig.from_config(config.model)
     mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
-    check_divisibility(model_cfg, mesh_shape)
+    rules = rules_from_config(config.mesh.get("rules", ()))
+    fields = {  # the config field behind each logical axis, in the order they are reported
+        "heads": ("config.model.num_heads", model_cfg.num_heads),
+        "vocab": ("config.model.vocab_size", model_cfg.vocab_size),
+        "mlp": ("config.model.d_ff", model_cfg.d_ff),
+        "embed": ("config.model.d_model", model_cfg.d_model),
+        "kv": ("head_dim (config.model.d_model / num_heads)", model_cfg.head_dim),
+        "layers": ("config.model.num_layers", model_cfg.num_layers),
+    }
+    check_divisibility(abstract_params(model_cfg), mesh_shape, rules, fields)
     return model_cfg, mesh_shape

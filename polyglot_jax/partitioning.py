@@ -50,19 +50,39 @@ def axis_size(mesh_shape: Mapping[str, int], axis: str) -> int:
     return mesh_shape[axis] * mesh_shape[f"dcn_{axis}"]
 
 
-def check_divisibility(model_cfg, mesh_shape: Mapping[str, int]) -> None:
-    """Every dimension sharded by the default rules must divide evenly over its mesh axis."""
-    model, fsdp = axis_size(mesh_shape, "model"), axis_size(mesh_shape, "fsdp")
-    for field, value, axis, size in (
-        ("num_heads", model_cfg.num_heads, "model", model),
-        ("vocab_size", model_cfg.vocab_size, "model", model),
-        ("d_ff", model_cfg.d_ff, "model", model),
-        ("d_model", model_cfg.d_model, "fsdp", fsdp),
-    ):
-        if value % size:
-            raise ConfigError(
-                f"config.model.{field}={value} is not divisible by the {axis} mesh axis (size {size})"
-            )
+def check_divisibility(
+    boxed_params: Any,
+    mesh_shape: Mapping[str, int],
+    rules,
+    fields: Mapping[str, tuple[str, int]],
+) -> None:
+    """Every parameter dimension that `rules` shard must divide evenly over its mesh axes.
+
+    Derived from the rules and the abstract (boxed) parameters, so editing `config.mesh.rules`
+    changes what is checked. `fields` names the config field behind each logical axis
+    (`{"heads": ("config.model.num_heads", 16), ...}`) for the error. One ConfigError.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    failures: dict[str, str] = {}  # logical axis -> the error for its first parameter
+    for path, leaf in flat:
+        spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        for logical, dim, axes in zip(leaf.names, leaf.value.shape, spec, strict=True):
+            if axes is None or logical in failures:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            size = math.prod(axis_size(mesh_shape, a) for a in axes)
+            if dim % size:
+                field, value = fields.get(logical, (f"the {logical!r} dimension", dim))
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                failures[logical] = (
+                    f"{field}={value} is not divisible by the {' x '.join(axes)} mesh axis "
+                    f"(size {size}) that config.mesh.rules give {logical!r} (parameter {name})"
+                )
+    for logical in [*fields, *failures]:  # in the order `fields` names them
+        if logical in failures:
+            raise ConfigError(failures[logical])
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

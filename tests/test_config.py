@@ -126,6 +126,20 @@ def test_rejected_configs(overrides, devices, message):
         validate(_tiny(**overrides), num_devices=devices)
 
 
+def test_divisibility_follows_the_rules():
+    """The check is derived from config.mesh.rules: unsharded axes are free, newly sharded ones
+    are checked (d_ff 250 over model 4, head_dim 32 over model 8 x ... )."""
+    replicated_mlp = tuple((k, None if k == "mlp" else v) for k, v in _tiny().mesh.rules)
+    validate(_tiny(model__d_ff=250, mesh__model=4, mesh__data=2, mesh__rules=replicated_mlp), 8)
+    sharded_kv = tuple((k, "fsdp" if k == "kv" else v) for k, v in _tiny().mesh.rules)
+    with pytest.raises(
+        ConfigError, match=r"head_dim .*=32 is not divisible by the fsdp mesh axis \(size 64\)"
+    ):
+        validate(_tiny(mesh__fsdp=64, mesh__data=1, mesh__rules=sharded_kv), 64)
+    with pytest.raises(ConfigError, match=r"config\.model\.d_ff=250 .*rules give 'mlp'"):
+        validate(_tiny(model__d_ff=250, mesh__model=4, mesh__data=2), 8)
+
+
 def test_unknown_model_field_is_named():
     config = _tiny()
     config.model.num_experts = 8
