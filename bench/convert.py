@@ -143,7 +143,7 @@ def build(case: dict, workdir: Path) -> None:
 
 def measure(direction: str, source: Path, target: Path) -> dict:
     """Runs one conversion in this (fresh) process; RSS relative to after the imports."""
-    from polyglot_jax import convert
+    from polyglot_jax.hf import convert
 
     convert.axis_order  # noqa: B018 - imported, nothing allocated yet
     baseline = _rss_bytes()

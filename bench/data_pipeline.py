@@ -5,7 +5,7 @@
 
 Tokenizing runs in this process with HF tokenizers' own thread pool off (TOKENIZERS_PARALLELISM
 =false), so the rates are per core. The pipeline runs without its prefetch thread, one batch after
-another, and each batch is turned into a `jax.Array` on a one-device mesh (`make_global_batch`).
+another, and each batch is turned into `jax.Array`s on a one-device mesh (`train.make_global_batch`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from polyglot_jax.data.pipeline import default_data_config, make_global_batch, make_pipeline  # noqa: E402
-from polyglot_jax.data.shards import tokenize_to_shards  # noqa: E402
+from polyglot_jax.data.pipeline import default_data_config, make_pipeline  # noqa: E402
 from polyglot_jax.data.sources import iter_texts  # noqa: E402
+from polyglot_jax.data.tokenize import tokenize_to_shards  # noqa: E402
+from polyglot_jax.train import make_global_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -94,14 +95,15 @@ def bench_pipeline(shards: Path, mode: str, seq_len: int, batch: int, batches: i
         config, seq_len=seq_len, global_batch_size=batch, process_index=0, process_count=1
     )
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec("data"))
-    jax.block_until_ready(make_global_batch(next(it), sharding))  # warm-up (first window)
+    jax.block_until_ready(make_global_batch(next(it).batch, sharding))  # warm-up (first window)
     tokens = real = 0
     start = time.perf_counter()
     for _ in range(batches):
         local = next(it)
-        jax.block_until_ready(make_global_batch(local, sharding))
-        tokens += local["tokens"].size
-        real += int((local["segment_ids"] != 0).sum()) if mode == "packed" else local["tokens"].size
+        rows = local.batch
+        jax.block_until_ready(make_global_batch(rows, sharding))
+        tokens += rows.tokens.size
+        real += int((rows.segment_ids != 0).sum()) if mode == "packed" else rows.tokens.size
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
@@ -112,7 +114,7 @@ def bench_pipeline(shards: Path, mode: str, seq_len: int, batch: int, batches: i
         "tokens_per_s": tokens / seconds,
         "non_padding_tokens_per_s": real / seconds,
         "padding_share": 1 - real / tokens,
-        "epoch_reached": float(local["epoch"]),
+        "epoch_reached": float(local.epoch),
     }
 
 

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from polyglot_jax import flops
 from polyglot_jax.config import validate
+from polyglot_jax.data.batch import Batch
 from polyglot_jax.partitioning import make_mesh, rules_from_config
 from polyglot_jax.train import build_step, check_train_config
 
@@ -48,7 +49,7 @@ def main(argv):
         tokens = rng.integers(
             0, model_cfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32
         )
-        batch = {"tokens": jax.device_put(tokens, fns.batch_sharding)}
+        batch = jax.device_put(Batch(tokens), fns.batch_sharding)
 
         start = time.perf_counter()
         params, opt_state, metrics = fns.train_step(params, opt_state, batch)

@@ -1,10 +1,12 @@
-"""Training checkpoints under `workdir/checkpoints/<step>/` with orbax.
+"""Training checkpoints under `workdir/checkpoints/<step>/` with orbax, and the params of one read
+back outside training (init_from, generation, verification).
 
 Items of a checkpoint: `params` and `opt_state` (sharded arrays, restored onto whatever mesh the
 abstract target names, so a run can resume on another mesh shape) and `data_iter` (the grain
 iterator's state, one JSON file per process). orbax writes into a temporary directory and renames it
-when complete, so only finished checkpoints are visible. A latest checkpoint that cannot be read is
-reported and the previous one is used.
+when complete, so only finished checkpoints are visible; which steps a workdir holds is
+`workdir.finished_steps`, for every reader. A latest checkpoint that cannot be read is reported and
+the previous one is used.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from absl import logging
 
 from polyglot_jax.errors import ConfigError, InputError, PolyglotError
 from polyglot_jax.output_dir import as_os_error
+from polyglot_jax.workdir import CHECKPOINTS, finished_steps, previous_step_hint, step_directory
 
 
 class _IteratorSnapshot:
@@ -108,12 +111,6 @@ def _orbax_echoes_dropped() -> Iterator[None]:
         logger.removeFilter(echoes)
 
 
-def previous_step_hint(checkpoints_dir: pathlib.Path, step: int) -> str:
-    """`; the previous one is step N (--step=N)` when an older checkpoint exists, else ``."""
-    older = [s for _, s in _candidate_steps(checkpoints_dir) if s < step]
-    return f"; the previous one is step {older[0]} (--step={older[0]})" if older else ""
-
-
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an error message, cut short (TensorStore's carry a long JSON spec)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -177,7 +174,7 @@ class Checkpointer:
         keep_period: int | None,
         async_save: bool = True,
     ):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,
@@ -190,12 +187,10 @@ class Checkpointer:
     @staticmethod
     def steps_in(workdir: str | pathlib.Path) -> list[int]:
         """Finished checkpoint steps of a workdir, without opening (or creating) anything."""
-        root = pathlib.Path(workdir) / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+        return finished_steps(pathlib.Path(workdir) / CHECKPOINTS)
 
     def steps(self) -> list[int]:
+        """The steps this manager holds, a save still being written included."""
         return sorted(self.manager.all_steps())
 
     def save(
@@ -240,7 +235,7 @@ class Checkpointer:
         fit the abstract trees is a ConfigError, and so is a data iterator state that does not fit
         the pipeline: nothing is moved then.
         """
-        for step in reversed(self.steps()):
+        for step in reversed(finished_steps(self.directory)):
             step_dir = self.directory / str(step)
             try:
                 saved = {item: saved_shapes(step_dir / item) for item in ("params", "opt_state")}
@@ -297,17 +292,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def _is_step_dir(path: pathlib.Path) -> bool:
+    """A path given as one checkpoint (`checkpoints/<step>`), not as a workdir named by a number."""
+    return path.name.isdigit() and (path / "params").is_dir()
+
+
 def _candidate_steps(path: pathlib.Path) -> Iterator[tuple[pathlib.Path, int]]:
     """(checkpoints dir, step) pairs to try, newest first, for a workdir, a checkpoints dir or a step dir."""
-    if path.name.isdigit() and (path / "params").is_dir():
+    if _is_step_dir(path):
         yield path.parent, int(path.name)
         return
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(
-        (int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "params").is_dir()),
-        reverse=True,
-    )
-    for step in steps:
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    for step in reversed(finished_steps(root)):
         yield root, step
 
 
@@ -322,7 +318,7 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
     candidates = list(_candidate_steps(path))
     if not candidates:
         raise InputError(f"no checkpoint with params under {path}")
-    named_step = path.name.isdigit() and (path / "params").is_dir()
+    named_step = _is_step_dir(path)
     for root, step in candidates:
         step_dir = root / str(step)
         try:
@@ -345,3 +341,25 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
                 first_line(cause),
             )
     raise InputError(f"no readable checkpoint under {path}")
+
+
+def load_params(workdir: str | pathlib.Path, step: int | None, cfg: Any) -> Any:
+    """The params of `workdir`'s checkpoint `step` (latest when None), whole, on the first device;
+    `cfg` is the run's `ModelConfig`."""
+    import flax.linen as nn
+
+    from polyglot_jax.model import abstract_params
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=device),
+        abstract_params(cfg),
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    if step is None:  # the latest readable one: a damaged newest step falls back, with a warning
+        step_directory(workdir, None)  # one clear error when there is none
+        params, _ = restore_params(pathlib.Path(workdir) / CHECKPOINTS, abstract)
+        return params
+    _, step_dir = step_directory(workdir, step)
+    params, _ = restore_params(step_dir, abstract)
+    return params

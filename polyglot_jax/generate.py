@@ -19,15 +19,6 @@ from polyglot_jax.errors import InputError
 from polyglot_jax.model import GPTNeoX, ModelConfig
 
 
-@dataclasses.dataclass
-class Generated:
-    """New token ids, the log-probability of each under the model (before temperature), the text."""
-
-    ids: list[int]
-    logprobs: list[float]
-    text: str | None
-
-
 def generate(
     params: Any,
     cfg: ModelConfig,
@@ -96,7 +87,8 @@ def load_tokenizer_dir(path: pathlib.Path | None):
 
 def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None):
     """(model config, params, tokenizer dir or None) of a run's checkpoint (latest by default)."""
-    from polyglot_jax.convert import load_params, load_run_config, run_tokenizer
+    from polyglot_jax.checkpoint import load_params
+    from polyglot_jax.workdir import load_run_config, run_tokenizer
 
     config = load_run_config(workdir)
     cfg = ModelConfig.from_config(config.model)
@@ -105,17 +97,16 @@ def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None):
 
 def load_from_hf(hf_dir: str | pathlib.Path):
     """(model config, params, tokenizer dir or None) of a Hugging Face GPT-NeoX directory."""
-    from polyglot_jax import hf_mapping
-    from polyglot_jax.convert import read_hf_config
-    from polyglot_jax.hf_files import HFWeights
+    from polyglot_jax.hf import mapping
+    from polyglot_jax.hf.files import HFWeights, read_hf_config
 
     hf_dir = pathlib.Path(hf_dir)
-    cfg = ModelConfig(**hf_mapping.from_hf_config(read_hf_config(hf_dir)), dtype="float32")
+    cfg = ModelConfig(**mapping.from_hf_config(read_hf_config(hf_dir)), dtype="float32")
     weights = HFWeights(hf_dir)
     try:
         state = {key: weights.get(key).astype(np.float32) for key in weights.keys()}
     finally:
         weights.close()
-    params = hf_mapping.from_hf_state_dict(state, cfg)
+    params = mapping.from_hf_state_dict(state, cfg)
     tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
     return cfg, params, tokenizer

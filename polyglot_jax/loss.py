@@ -1,14 +1,17 @@
 """Next-token cross entropy from the final hidden states, without whole-batch float32 logits.
 
-The vocabulary projection and the log-softmax run over chunks of sequence positions inside a
-rematerialised scan, so only [batch, chunk, vocab] float32 logits exist at once, in the forward and
-in the backward. Chunks run along the sequence so the (sharded) batch axis stays parallel.
+The vocabulary projection (the model's `lm_head`) and the log-softmax run over chunks of sequence
+positions inside a rematerialised scan, so only [batch, chunk, vocab] float32 logits exist at once,
+in the forward and in the backward. Chunks run along the sequence so the (sharded) batch axis
+stays parallel.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from polyglot_jax.model import lm_head
 
 
 def chunked_cross_entropy(
@@ -24,7 +27,7 @@ def chunked_cross_entropy(
 
     Args:
       hidden: [batch, seq, d_model] final-LayerNorm output (compute dtype).
-      embed_out: [d_model, vocab] output projection.
+      embed_out: [d_model, vocab] output projection (`model.lm_head_kernel(params)`).
       targets: int [batch, seq] next tokens.
       mask: [batch, seq], 1 where the target counts (not padding, not across a document start).
       chunk: sequence positions per chunk ([batch, chunk, vocab] float32 logits at a time).
@@ -46,7 +49,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def one_chunk(carry, xs):
         h_c, t_c, m_c = xs  # [batch, chunk, d], [batch, chunk], [batch, chunk]
-        logits = jnp.einsum("bcd,dv->bcv", h_c, w, preferred_element_type=jnp.float32)
+        logits = lm_head(h_c, w, preferred_element_type=jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         ce, zl = carry

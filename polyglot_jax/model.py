@@ -4,7 +4,7 @@
     for each layer:  h = h + attention(ln1(h)) + mlp(ln2(h))      (parallel residual)
     logits = final_layer_norm(h) @ embed_out              (untied, no bias)
 
-Parameter names follow HF's module names so that `hf_mapping.py` reads like a table. Every parameter
+Parameter names follow HF's module names so that `hf/mapping.py` reads like a table. Every parameter
 and key activation carries logical axis names (vocab, embed, heads, kv, mlp, layers, batch, length);
 the config's rules map them onto mesh axes, so no mesh axis name appears here.
 """
@@ -270,7 +270,7 @@ class GPTNeoX(nn.Module):
 
     __call__(tokens int32 [batch, seq], positions=None, segment_ids=None) -> logits [batch, seq, vocab]
     in the compute dtype; with `return_hidden=True` the final-LayerNorm output [batch, seq, d_model]
-    instead (the trainer computes the loss in chunks from it and `embed_out` without full logits).
+    instead (the loss applies `lm_head` to it in chunks, without full logits).
     """
 
     cfg: ModelConfig
@@ -321,8 +321,24 @@ class GPTNeoX(nn.Module):
             ("embed", "vocab"),
             cfg,
         )
-        logits = jnp.einsum("bte,ev->btv", x, out.astype(dtype))
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return nn.with_logical_constraint(lm_head(x, out), ("batch", "length", "vocab"))
+
+
+def lm_head(hidden: jax.Array, kernel: jax.Array, preferred_element_type=None) -> jax.Array:
+    """The output projection: logits [batch, seq, vocab] = hidden [batch, seq, d_model] @ kernel
+    [d_model, vocab] (untied, no bias), in hidden's (compute) dtype, or accumulated in and
+    returned as `preferred_element_type` (the loss asks for float32)."""
+    return jnp.einsum(
+        "bte,ev->btv",
+        hidden,
+        kernel.astype(hidden.dtype),
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def lm_head_kernel(params: Mapping[str, Any]) -> jax.Array:
+    """The kernel `lm_head` takes, from a parameter tree (HF's `embed_out`)."""
+    return params["embed_out"]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:

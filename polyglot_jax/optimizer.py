@@ -25,12 +25,13 @@ def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
         raise ConfigError(f"config.train.decay={train['decay']!r} is not one of {DECAYS}")
     if warmup < 0:
         raise ConfigError(f"config.train.warmup_steps={train['warmup_steps']} must be >= 0")
-    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
-    decay_steps = max(steps - warmup, 1)
+    decay_steps = max(steps - warmup, 1)  # 1 when the warmup takes the whole run
     if train["decay"] == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train["min_lr_ratio"])
-    else:
-        decay = optax.linear_schedule(peak, floor, decay_steps)
+        # optax's, which is join_schedules([linear warmup, cosine_decay_schedule]) bit for bit
+        # (tests/test_optimizer.py compares every step).
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + decay_steps, floor)
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    decay = optax.linear_schedule(peak, floor, decay_steps)
     return optax.join_schedules([warm, decay], [warmup])
 
 

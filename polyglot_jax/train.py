@@ -1,8 +1,11 @@
 """The trainer: a jitted, sharded step over a data x fsdp x model mesh, with checkpoints and metrics.
 
     state = (params, opt_state)               float32 master weights, sharded by the logical rules
-    batch [batch_size, seq_len + 1] tokens    sharded over the mesh axes that the rules give `batch`
+    batch: data.batch.Batch                   [batch_size, seq_len + 1] rows, sharded over the mesh
+                                              axes that the rules give `batch`
     step: grad_accum microbatches (lax.scan) -> one AdamW update; non-finite updates are never applied
+    loop: next batch -> step -> NaN policy -> hooks (hooks.py: progress, loss watch, metrics,
+          checkpoints and preemption, profiling)
 
 Everything that can be checked before compiling is checked first (one ConfigError each).
 """
@@ -15,7 +18,6 @@ import pathlib
 import shutil
 import signal
 import sys
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,15 +29,25 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from polyglot_jax import flops, run_dir
+from polyglot_jax import flops
+from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.config import validate
-from polyglot_jax.data.pipeline import make_global_batch, make_pipeline, tokenized_directories
-from polyglot_jax.data.shards import read_manifest
+from polyglot_jax.data.batch import Batch, LocalBatch
+from polyglot_jax.data.pipeline import make_pipeline, tokenized_directories
+from polyglot_jax.data.records import read_manifest
 from polyglot_jax.errors import ConfigError, PolyglotError
+from polyglot_jax.hooks import (
+    LogMetrics,
+    Profile,
+    ProgressBar,
+    SaveCheckpoints,
+    TrainState,
+    WatchLoss,
+)
 from polyglot_jax.loss import chunked_cross_entropy
 from polyglot_jax.metrics import LossWatch, MetricsWriter
-from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params, init_params
+from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params, init_params, lm_head_kernel
 from polyglot_jax.optimizer import learning_rate_schedule, make_optimizer
 from polyglot_jax.partitioning import (
     batch_sharding,
@@ -131,24 +143,19 @@ def build_step(
     def init_fn(seed):
         return nn.meta.unbox(init_params(model_cfg, jax.random.key(seed)))
 
-    def loss_terms(params, micro):
-        tokens = micro["tokens"]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        positions = segment_ids = None
-        mask = jnp.ones(targets.shape, jnp.float32)
-        if (
-            "segment_ids" in micro
-        ):  # packed: no loss across a document start, none on padding (id 0)
-            seg = micro["segment_ids"]
-            segment_ids, positions = seg[:, :-1], micro["positions"][:, :-1]
-            mask = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
-        hidden = model.apply({"params": params}, inputs, positions, segment_ids, return_hidden=True)
+    def loss_terms(params, micro: Batch):
+        hidden = model.apply({"params": params}, *micro.model_inputs(), return_hidden=True)
         ce, zl, count = chunked_cross_entropy(
-            hidden, params["embed_out"], targets, mask, chunk=t.loss_chunk, z_loss=t.z_loss
+            hidden,
+            lm_head_kernel(params),
+            micro.targets,
+            micro.loss_mask,
+            chunk=t.loss_chunk,
+            z_loss=t.z_loss,
         )
         return ce + zl, (ce, count)
 
-    def train_step(params, opt_state, batch):
+    def train_step(params, opt_state, batch: Batch):
         # Microbatch m takes rows m, m + A, m + 2A, ...: every device keeps its share of each one.
         micro = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
@@ -203,6 +210,13 @@ def build_step(
     )
 
 
+def make_global_batch(batch: Batch, sharding: jax.sharding.Sharding) -> Batch:
+    """This process's rows (numpy, from the pipeline) as global `jax.Array`s [global_batch, ...]
+    laid out by `sharding` (`StepFunctions.batch_sharding`, e.g. `NamedSharding(mesh,
+    P(("data", "fsdp")))`)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
 class PreemptionGuard:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
 
@@ -237,36 +251,36 @@ class PreemptionGuard:
 def check_resume(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, has_checkpoints: bool
 ) -> bool:
-    """The new config against the one that made the workdir's checkpoints (run_dir's rules).
+    """The new config against the one that made the workdir's checkpoints (workdir.py's rules).
 
     Returns whether the saved data iterator state can be restored. Raises ConfigError for a change
     that no resume can take, or one that needs `config.train.allow_config_change`.
     """
-    saved = run_dir.read_config(workdir)
+    saved = wd.read_config(workdir)
     if not has_checkpoints or saved is None:
         return True
-    changes = run_dir.resume_changes(run_dir.flat_config(saved), run_dir.flat_config(config))
+    changes = wd.resume_changes(wd.flat_config(saved), wd.flat_config(config))
     fresh = f"use a new --workdir (seeded from this run with --config.train.init_from={workdir})"
     if changes.shapes:
         raise ConfigError(
-            f"{workdir} holds checkpoints of another model: {run_dir.describe(changes.shapes)}; "
+            f"{workdir} holds checkpoints of another model: {wd.describe(changes.shapes)}; "
             f"resume with the old values or {fresh}"
         )
     if changes.guarded and not config.train.get("allow_config_change", False):
         raise ConfigError(
             f"{workdir} holds checkpoints made with other settings: "
-            f"{run_dir.describe(changes.guarded)}; resume with the old values, {fresh}, or pass "
+            f"{wd.describe(changes.guarded)}; resume with the old values, {fresh}, or pass "
             "--config.train.allow_config_change=True to continue its state with the new ones"
         )
     if changes.guarded:
         logging.warning(
             "resuming %s with changed settings (allow_config_change): %s%s",
             workdir,
-            run_dir.describe(changes.guarded, limit=20),
+            wd.describe(changes.guarded, limit=20),
             "; the data starts from its beginning" if changes.data_changed else "",
         )
     if changes.free:
-        logging.info("resuming %s with %s", workdir, run_dir.describe(changes.free, limit=20))
+        logging.info("resuming %s with %s", workdir, wd.describe(changes.free, limit=20))
     return not changes.data_changed
 
 
@@ -292,12 +306,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     created = not workdir.exists()
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    with run_dir.locked(workdir) if is_main else contextlib.nullcontext():
+    with wd.locked(workdir) if is_main else contextlib.nullcontext():
         try:
             return _start(config, model_cfg, mesh_shape, workdir)
         except BaseException:
             # A run that failed before its first step leaves no trace in a workdir it created.
-            if created and is_main and not (workdir / run_dir.CONFIG).exists():
+            if created and is_main and not (workdir / wd.CONFIG).exists():
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
 
@@ -349,96 +363,81 @@ def _start(config, model_cfg, mesh_shape, workdir):
                 params = fns.init_params(t.seed)
             opt_state = fns.init_opt(params)
         if jax.process_index() == 0:
-            run_dir.record_start(config, workdir, start)  # only now: the run really starts
-        return _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start)
+            wd.record_start(config, workdir, start)  # only now: the run really starts
+        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter)
+        return _loop(run, TrainState(params, opt_state), start)
 
 
-def _loop(config, model_cfg, workdir, fns, ckpt, data_iter, params, opt_state, start):
-    t = config.train
-    is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
-    watch = LossWatch(t.spike_threshold, t.drop_threshold, t.spike_halflife)
-    schedule = learning_rate_schedule(t)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop works with, once the run has started."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: ModelConfig
+    workdir: pathlib.Path
+    fns: StepFunctions
+    ckpt: Checkpointer
+    data_iter: Any
+
+
+def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
+    """Steps from `start` to `config.train.steps`; returns the last logged metrics."""
+    t = run.config.train
+    with PreemptionGuard() as guard, contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.ckpt.close)  # last: after every hook's close
+        log = _log_metrics(run, start)
+        save = SaveCheckpoints(
+            run.ckpt, run.data_iter, guard.agreed, every=t.checkpoint_every, last_step=t.steps
+        )
+        hooks = [
+            ProgressBar(start, t.steps, enabled=jax.process_index() == 0),
+            WatchLoss(LossWatch(t.spike_threshold, t.drop_threshold, t.spike_halflife)),
+            log,
+            save,
+            Profile(str(run.workdir / "profile"), *t.profile_steps, start=start),
+        ]
+        for hook in reversed(hooks):  # closed in this order, however the loop ends
+            cleanup.callback(hook.close)
+        for step in range(start + 1, t.steps + 1):
+            state, metrics = _train_step(run.fns, state, next(run.data_iter))
+            _apply_nan_policy(t.nan_policy, step, metrics, run.ckpt)
+            for hook in hooks:
+                hook(step, state, metrics)
+            if save.preempted:
+                return {**log.last, "preempted": True}
+        return log.last
+
+
+def _log_metrics(run: _Run, start: int) -> LogMetrics:
+    t = run.config.train
     tokens_per_step = t.batch_size * t.seq_len
-    flops_per_step = flops.training_flops_per_token(model_cfg, t.seq_len) * tokens_per_step
-    peak = t.peak_flops_per_device or flops.peak_flops_per_device()
-    profile_first, profile_count = t.profile_steps
-    last: dict[str, Any] = {}
-    skipped = 0
-
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        total=t.steps,
-        initial=start,
-        disable=not is_main,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.5 if interactive else 30,  # a log file gets a line every 30 s, not every step
+    return LogMetrics(
+        MetricsWriter(run.workdir, enabled=jax.process_index() == 0, resume_step=start),
+        learning_rate_schedule(t),
+        every=t.log_every,
+        last_step=t.steps,
+        tokens_per_step=tokens_per_step,
+        flops_per_step=flops.training_flops_per_token(run.model_cfg, t.seq_len) * tokens_per_step,
+        peak_flops=t.peak_flops_per_device or flops.peak_flops_per_device(),
     )
-    window_start, window_steps = time.perf_counter(), 0
-    step = start
-    with PreemptionGuard() as guard:
-        try:
-            while step < t.steps:
-                if profile_count and step == profile_first:
-                    jax.profiler.start_trace(str(workdir / "profile"))
-                local = next(data_iter)
-                epoch = float(local["epoch"])
-                batch = make_global_batch(local, fns.batch_sharding)
-                params, opt_state, m = fns.train_step(params, opt_state, batch)
-                m = jax.device_get(m)
-                step += 1
-                window_steps += 1
-                bar.update(1)
-                if profile_count and step == profile_first + profile_count:
-                    jax.profiler.stop_trace()
-                if not m["finite"]:
-                    if t.nan_policy == "halt":
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {step}; "
-                            f"nothing was applied or saved; the last checkpoint is step {max(ckpt.steps(), default=0)}"
-                        )
-                    skipped += 1
-                    logging.warning(
-                        "step %d: non-finite loss or gradient norm; update skipped", step
-                    )
-                else:
-                    loss = float(m["loss"])
-                    watch.update(step, loss, epoch)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    if step % t.log_every == 0 or step == t.steps:
-                        elapsed = time.perf_counter() - window_start
-                        step_time = elapsed / max(window_steps, 1)
-                        mfu = (
-                            flops_per_step / step_time / (peak * jax.device_count())
-                            if peak
-                            else None
-                        )
-                        last = {
-                            "step": step,
-                            "loss": loss,
-                            "lr": float(schedule(step - 1)),
-                            "grad_norm": float(m["grad_norm"]),
-                            "tokens_per_s": tokens_per_step / step_time,
-                            "step_time_s": step_time,
-                            "mfu": mfu,
-                            "epoch": epoch,
-                            "skipped_steps": skipped,
-                        }
-                        writer.write(last)
-                        window_start, window_steps = time.perf_counter(), 0
-                stop = guard.agreed()
-                if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                    ckpt.save(step, params, opt_state, data_iter, force=True)
-                if stop:
-                    ckpt.wait()
-                    logging.warning("saved step %d after a stop signal; exiting", step)
-                    return {**last, "preempted": True}
-            return last
-        finally:
-            bar.close()
-            ckpt.close()
-            writer.close()
+
+
+def _train_step(fns: StepFunctions, state: TrainState, local: LocalBatch):
+    """One optimizer step on the next batch: the new state and the step's metrics on the host."""
+    batch = make_global_batch(local.batch, fns.batch_sharding)
+    params, opt_state, metrics = fns.train_step(state.params, state.opt_state, batch)
+    return TrainState(params, opt_state), {**jax.device_get(metrics), "epoch": float(local.epoch)}
+
+
+def _apply_nan_policy(policy: str, step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> None:
+    """A step whose update was not applied (non-finite): NonFiniteLoss under 'halt' (nothing of
+    it is saved), a warning under 'skip'."""
+    if metrics["finite"]:
+        return
+    if policy == "halt":
+        raise NonFiniteLoss(
+            f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
+            f"step {step}; nothing was applied or saved; the last checkpoint is step "
+            f"{max(ckpt.steps(), default=0)}"
+        )
+    logging.warning("step %d: non-finite loss or gradient norm; update skipped", step)

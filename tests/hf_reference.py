@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from polyglot_jax.hf_mapping import to_hf_config
+from polyglot_jax.hf.mapping import to_hf_config
 from polyglot_jax.model import ModelConfig
 
 

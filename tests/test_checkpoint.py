@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_fixtures import tiny_config, tiny_shards
 
-from polyglot_jax.convert import load_params
+from polyglot_jax.checkpoint import load_params
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.train import train
@@ -36,7 +36,7 @@ def _damaged_copy(run: pathlib.Path, tmp_path: pathlib.Path, step: int) -> pathl
 
 
 def _cfg(run: pathlib.Path) -> ModelConfig:
-    from polyglot_jax.convert import load_run_config
+    from polyglot_jax.workdir import load_run_config
 
     return ModelConfig.from_config(load_run_config(run).model)
 
@@ -88,7 +88,7 @@ def test_truncated_array_data_falls_back_without_echoes(run, tmp_path, capfd, ca
 
 
 def test_to_hf_of_a_truncated_checkpoint_names_it_and_the_previous_step(run, tmp_path):
-    from polyglot_jax.convert import to_hf
+    from polyglot_jax.hf.convert import to_hf
 
     damaged = _truncated_copy(run, tmp_path, 6)
     with pytest.raises(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hf_reference import hf_logits, hf_state_dict, random_hf_model
 
-from polyglot_jax.hf_mapping import from_hf_state_dict
+from polyglot_jax.hf.mapping import from_hf_state_dict
 from polyglot_jax.model import GPTNeoX, ModelConfig
 
 CASES = {
@@ -144,3 +144,22 @@ def test_pallas_hopper_refuses_float32_and_narrow_heads():
         ModelConfig(128, 1, 128, 256, 4, 16, dtype="bfloat16", attention_impl="pallas_hopper")
     with pytest.raises(ConfigError, match="pallas_hopper.*rotary_dim=128"):
         ModelConfig(128, 1, 128, 256, 1, 128, dtype="bfloat16", attention_impl="pallas_hopper")
+
+
+def test_lm_head_is_the_models_output_projection():
+    """The loss projects chunks of hidden states with `lm_head`: on the whole sequence it gives
+    the model's logits exactly, and with float32 accumulation the same up to bfloat16 rounding."""
+    from polyglot_jax.model import lm_head, lm_head_kernel
+
+    cfg = ModelConfig(128, 2, 64, 256, 4, 8, dtype="bfloat16")
+    model = GPTNeoX(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12)))
+    logits = model.apply({"params": params}, tokens)
+    hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    head = lm_head(hidden, lm_head_kernel(params))
+    assert head.dtype == logits.dtype == jnp.bfloat16 and head.shape == (2, 12, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(head, np.float32), np.asarray(logits, np.float32))
+    wide = lm_head(hidden, lm_head_kernel(params), preferred_element_type=jnp.float32)
+    assert wide.dtype == jnp.float32
+    np.testing.assert_allclose(wide, np.asarray(logits, np.float32), rtol=2e-2, atol=2e-2)

@@ -18,6 +18,7 @@ from train_fixtures import tiny_config, tiny_shards
 from polyglot_jax.checkpoint import restore_params
 from polyglot_jax.config import validate
 from polyglot_jax.errors import ConfigError
+from polyglot_jax.hooks import LogMetrics, Profile, SaveCheckpoints, TrainState
 from polyglot_jax.train import NonFiniteLoss, build_step, check_train_config, train
 
 
@@ -176,3 +177,89 @@ def test_model_vocab_must_hold_the_tokenizer(shards, tmp_path):
         ConfigError, match=r"config\.model\.vocab_size=1024 is smaller than the \d+ token ids"
     ):
         train(tiny_config(shards, model__vocab_size=1024), tmp_path)
+
+
+# ---------------------------------------------------------------- hooks (no training needed)
+
+
+def _finite(loss=2.0):
+    return {"loss": loss, "grad_norm": 0.5, "finite": True, "tokens": 10.0, "epoch": 0.25}
+
+
+def test_profile_hook_traces_count_steps_after_first(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda d: calls.append(("start", d)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+
+    def run(first, count, start, steps):
+        """[(step after which it happened, 0 at creation, 'end' at close), call]."""
+        calls.clear()
+        hook = Profile("p", first, count, start=start)
+        at = [(0, c) for c in calls]
+        for step in range(start + 1, steps + 1):
+            before = len(calls)
+            hook(step, None, _finite())
+            at += [(step, c) for c in calls[before:]]
+        before = len(calls)
+        hook.close()
+        return at + [("end", c) for c in calls[before:]]
+
+    start, stop = ("start", "p"), ("stop",)
+    assert run(first=2, count=3, start=0, steps=8) == [(2, start), (5, stop)]  # steps 3, 4, 5
+    assert run(first=0, count=2, start=0, steps=4) == [(0, start), (2, stop)]
+    assert run(first=4, count=2, start=4, steps=8) == [(0, start), (6, stop)]  # resumed at first
+    assert run(first=2, count=3, start=3, steps=8) == []  # resumed inside the window: nothing
+    assert run(first=2, count=0, start=0, steps=8) == []
+    assert run(first=1, count=10, start=0, steps=4) == [(1, start), ("end", stop)]
+
+
+def test_log_metrics_hook_writes_every_n_and_the_last_finite_step():
+    class Writer:
+        records: list = []
+
+        def write(self, record):
+            self.records.append(record)
+
+        def close(self):
+            self.closed = True
+
+    writer = Writer()
+    hook = LogMetrics(writer, lambda step: step * 0.1, every=2, last_step=5, tokens_per_step=64,
+                      flops_per_step=1e9, peak_flops=None)  # fmt: skip
+    for step in range(1, 6):
+        hook(step, None, {**_finite(loss=float(step)), "finite": step != 4})
+    assert [r["step"] for r in writer.records] == [2, 5]  # 4 was not finite: no record
+    last = writer.records[-1]
+    assert last == hook.last and last["skipped_steps"] == 1 and last["loss"] == 5.0
+    assert last["lr"] == pytest.approx(0.4) and last["mfu"] is None and last["epoch"] == 0.25
+    assert set(last) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
+                         "epoch", "skipped_steps"}  # fmt: skip
+    assert last["tokens_per_s"] == pytest.approx(64 / last["step_time_s"])
+    hook.close()
+    assert writer.closed
+
+
+def test_save_checkpoints_hook_saves_periodically_and_once_on_a_stop():
+    class Ckpt:
+        def __init__(self):
+            self.saved, self.waited = [], 0
+
+        def save(self, step, params, opt_state, data_iter, force):
+            self.saved.append((step, params, opt_state, data_iter, force))
+
+        def wait(self):
+            self.waited += 1
+
+    now = [0]
+    for stop_at, saved in ((None, [2, 4, 5]), (3, [2, 3]), (4, [2, 4])):
+        ckpt = Ckpt()
+        stop_requested = lambda at=stop_at: now[0] == at  # noqa: E731
+        hook = SaveCheckpoints(ckpt, "it", stop_requested, every=2, last_step=5)
+        for step in range(1, 6):
+            now[0] = step
+            hook(step, TrainState("p", "o"), _finite())
+            if hook.preempted:
+                break
+        assert [s[0] for s in ckpt.saved] == saved
+        assert all(s[1:] == ("p", "o", "it", True) for s in ckpt.saved)
+        assert hook.preempted == (stop_at is not None) and ckpt.waited == int(hook.preempted)

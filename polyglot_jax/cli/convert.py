@@ -63,9 +63,9 @@ def main(argv):
         raise ConfigError(
             f"say which way: convert to-hf ... or convert from-hf ... (got {' '.join(words) or 'nothing'})"
         )
-    from polyglot_jax import convert  # after flag parsing: keeps --help and usage errors fast
     from polyglot_jax.errors import InputError
-    from polyglot_jax.hf_files import parse_size
+    from polyglot_jax.hf import convert  # after flag parsing: keeps --help and usage errors fast
+    from polyglot_jax.hf.files import parse_size
 
     try:
         parse_size(_MAX_SHARD_SIZE.value)

@@ -7,7 +7,7 @@ import sys
 
 from absl import flags
 
-from polyglot_jax.data.shards import DEFAULT_BLOCK_TOKENS, DEFAULT_SHARD_CHARS, tokenize_to_shards
+from polyglot_jax.data.tokenize import DEFAULT_BLOCK_TOKENS, DEFAULT_SHARD_CHARS, tokenize_to_shards
 from polyglot_jax.errors import ConfigError
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer directory (any HF tokenizer.json).")

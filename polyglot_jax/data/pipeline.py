@@ -1,13 +1,14 @@
 """grain input pipeline: tokenized shards -> shuffled records -> sequences -> per-process batches.
 
     it = make_pipeline(config.data, seq_len=2048, global_batch_size=1024)
-    batch = next(it)               # numpy, this process's rows only
-    arrays = make_global_batch(batch, NamedSharding(mesh, P(("data", "fsdp"))))
+    local = next(it)               # a LocalBatch (batch.py): numpy, this process's rows only
+    batch = train.make_global_batch(local.batch, NamedSharding(mesh, P(("data", "fsdp"))))
 
-`next(it)` gives {'tokens': int32 [local_batch, seq_len + 1]} and, in packed mode, also
-'segment_ids' and 'positions' (int32, same shape), plus 'epoch' (float64 scalar: epochs completed
-+ fraction of the current one, for the corpus furthest through its data) and 'epochs' (float64
-[num_corpora], each corpus's own). `local_batch = global_batch_size // process_count`.
+`next(it)` gives a `LocalBatch`: `.batch`, a `Batch` of `tokens` (int32 [local_batch,
+seq_len + 1]) and, in packed mode, `segment_ids` and `positions` (int32, same shape); `.epoch`
+(float64 scalar: epochs completed + fraction of the current one, for the corpus furthest through
+its data) and `.epochs` (float64 [num_corpora], each corpus's own). `local_batch =
+global_batch_size // process_count`.
 
 An epoch is counted in records of this process's share: a record counts once all its tokens are
 in rows, a partly used one by the fraction of its tokens that are (the one a window stops in), a
@@ -15,7 +16,7 @@ record read but not placed not at all. The value is exact at each window's end (
 epoch's data reports exactly 1.0, in both modes) and interpolated over the window's rows in between.
 
 Stages (each JAX process reads only its share):
-1. Records of each tokenized directory (`shards.py`: blocks of whole documents) are a grain
+1. Records of each tokenized directory (`records.py`: blocks of whole documents) are a grain
    `MapDataset` over ArrayRecord; this process keeps records `process_index::process_count`;
    `shuffle` permutes them with a seed per corpus, differently in every epoch (`repeat`).
 2. Corpora are mixed record by record with `MapDataset.mix`; config weights are shares of
@@ -26,12 +27,9 @@ Stages (each JAX process reads only its share):
      GPT-NeoX, which trained Polyglot-Ko, overlaps consecutive rows by one token (row i is stream
      tokens [i*seq_len, (i+1)*seq_len]); here row i is [i*(seq_len+1), (i+1)*(seq_len+1)), so
      the stream advances seq_len + 1 per row and each row's first token is context only;
-   - 'packed': whole documents placed first-fit into the window's rows (each into the first row
-     with room; the window ends at the first document that fits in none). A document longer than
-     a row is cut into row-sized pieces (one longer than a record was already cut where records
-     end when it was tokenized). segment_ids number the pieces of a row 1, 2, 3..., positions
-     restart at 0 for each, and padding (only the tail a row could not fill) has segment id 0 and
-     token 0 (`<pad>` in the Polyglot-Ko layout); the loss mask is `segment_ids != 0`.
+   - 'packed': whole documents placed first-fit into the window's rows (`packing.py`), with
+     segment ids and positions per document piece.
+   The loss mask of the rows is `batch.loss_mask` (no loss across a piece start or on padding).
 4. Batches of consecutive rows; a thread prepares `prefetch` batches ahead.
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON dict (where the current
@@ -54,7 +52,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from polyglot_jax.data.shards import (
+from polyglot_jax.data.batch import Batch, LocalBatch
+from polyglot_jax.data.packing import FirstFitPacker
+from polyglot_jax.data.records import (
     check_shards,
     decode_record,
     read_manifest,
@@ -64,7 +64,6 @@ from polyglot_jax.data.shards import (
 from polyglot_jax.errors import ConfigError, InputError
 
 MODES = ("concat", "packed")
-BATCH_ARRAYS = ("tokens", "segment_ids", "positions")  # the per-row arrays; the rest is metadata
 BUILTIN = "builtin"  # a `shards` entry naming the built-in Korean sample (data/sample.py)
 _STATE_VERSION = 1
 
@@ -211,57 +210,13 @@ class _Position:
 
 @dataclasses.dataclass(frozen=True)
 class _Window:
-    arrays: dict[str, np.ndarray]  # [rows, row_len] int32 each
+    rows: Batch  # all of the window's rows, numpy
     order: np.ndarray  # emission order of the rows
     start: _Position
     end: _Position
     # Records used per corpus (a partly used one by its fraction of tokens) at start and end.
     start_used: np.ndarray
     end_used: np.ndarray
-
-
-class _FirstFitRows:
-    """Free space per row of a window, answering "the first row with room for n tokens" in
-    O(log rows): a max segment tree over the rows, in Python lists (scalar steps are faster there
-    than in numpy)."""
-
-    def __init__(self, rows: int, capacity: int):
-        size = 1
-        while size < rows:
-            size *= 2
-        self.size = size
-        tree = [-1] * (2 * size)  # leaves past `rows` never fit
-        tree[size : size + rows] = [capacity] * rows
-        for i in range(size - 1, 0, -1):
-            tree[i] = max(tree[2 * i], tree[2 * i + 1])
-        self.tree = tree
-
-    def first_fit(self, n: int) -> int:
-        """Index of the first row with at least `n` free tokens, or -1."""
-        tree = self.tree
-        if tree[1] < n:
-            return -1
-        i = 1
-        while i < self.size:
-            i *= 2
-            if tree[i] < n:
-                i += 1
-        return i - self.size
-
-    def take(self, row: int, n: int) -> int:
-        """Uses `n` tokens of `row`; returns its free space before."""
-        tree = self.tree
-        i = row + self.size
-        before = tree[i]
-        tree[i] = before - n
-        i //= 2
-        while i:
-            best = max(tree[2 * i], tree[2 * i + 1])
-            if tree[i] == best:
-                break  # ancestors unchanged
-            tree[i] = best
-            i //= 2
-        return before
 
 
 class _WindowBuilder:
@@ -297,16 +252,16 @@ class _WindowBuilder:
         consumed[corpus] = in_share
         start_used = self._used(consumed, (corpus, start.offset / tokens.size))
         if self.mode == "concat":
-            arrays, end, partial = self._concat(start, first, consumed)
+            rows, end, partial = self._concat(start, first, consumed)
         else:
-            arrays, end, partial = self._packed(start, first, consumed)
+            rows, end, partial = self._packed(start, first, consumed)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.process_index, window_index])
             order = rng.permutation(self.rows)
         else:
             order = np.arange(self.rows)
         end_used = self._used(consumed, partial)
-        return _Window(arrays, order, start, end, start_used, end_used)
+        return _Window(rows, order, start, end, start_used, end_used)
 
     def _concat(self, start: _Position, item, consumed: list[int]):
         """Rows, the end position, and (corpus, fraction used) of the record it is inside."""
@@ -329,59 +284,21 @@ class _WindowBuilder:
                 partial = None  # the next record is not read
                 break
         tokens = np.concatenate(parts).astype(np.int32).reshape(self.rows, self.row_len)
-        return {"tokens": tokens}, _Position(record, offset, tuple(consumed)), partial
+        return Batch(tokens), _Position(record, offset, tuple(consumed)), partial
 
     def _packed(self, start: _Position, item, consumed: list[int]):
         """Like `_concat`; the window ends inside the record whose next piece fits nowhere."""
-        rows, row_len = self.rows, self.row_len
-        free = _FirstFitRows(rows, row_len)
-        segments = [0] * rows
-        p_row, p_dst, p_src, p_len, p_seg = [], [], [], [], []
-        stream, stream_len = [], 0
+        packer = FirstFitPacker(self.rows, self.row_len)
         record, offset = start.record, start.offset
         while True:
             corpus, in_share, tokens, starts = item or self._read(record)
             item = None
-            base = stream_len - offset  # stream offset of tokens[0]
-            stream.append(tokens[offset:])
-            stream_len += tokens.size - offset
-            bounds = [offset, *starts[starts > offset].tolist(), tokens.size]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                while a < b:
-                    n = min(b - a, row_len)
-                    r = free.first_fit(n)
-                    if r < 0:  # fits nowhere: the window is full and ends here
-                        arrays = self._packed_arrays(stream, p_row, p_dst, p_src, p_len, p_seg)
-                        end = _Position(record, a, tuple(consumed))
-                        return arrays, end, (corpus, a / tokens.size)
-                    segments[r] += 1
-                    p_row.append(r)
-                    p_dst.append(row_len - free.take(r, n))
-                    p_src.append(base + a)
-                    p_len.append(n)
-                    p_seg.append(segments[r])
-                    a += n
+            stop = packer.add(tokens, starts, offset)
+            if stop is not None:
+                end = _Position(record, stop, tuple(consumed))
+                return packer.batch(), end, (corpus, stop / tokens.size)
             consumed[corpus] = in_share + 1  # every token of the record is placed
             record, offset = record + 1, 0
-
-    def _packed_arrays(self, stream, p_row, p_dst, p_src, p_len, p_seg) -> dict[str, np.ndarray]:
-        stream = np.concatenate(stream)
-        lengths = np.asarray(p_len, np.int64)
-        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        dst = np.repeat(np.asarray(p_row) * self.row_len + np.asarray(p_dst), lengths) + within
-        src = np.repeat(np.asarray(p_src, np.int64), lengths) + within
-        shape = (self.rows, self.row_len)
-        tokens = np.zeros(self.rows * self.row_len, np.int32)
-        segment_ids = np.zeros_like(tokens)
-        positions = np.zeros_like(tokens)
-        tokens[dst] = stream[src]
-        segment_ids[dst] = np.repeat(np.asarray(p_seg, np.int32), lengths)
-        positions[dst] = within
-        return {
-            "tokens": tokens.reshape(shape),
-            "segment_ids": segment_ids.reshape(shape),
-            "positions": positions.reshape(shape),
-        }
 
 
 class _SequenceIterator(grain.DatasetIterator):
@@ -394,13 +311,13 @@ class _SequenceIterator(grain.DatasetIterator):
         self._row = 0
         self._window: _Window | None = None
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> LocalBatch:
         ds = self._ds
         if self._window is None:
             self._window = self._builder.build(self._start, self._window_index)
         window = self._window
         rows = window.order[self._row : self._row + ds.local_batch]
-        batch = {k: v[rows] for k, v in window.arrays.items()}
+        batch = jax.tree.map(lambda v: v[rows], window.rows)
         self._row += ds.local_batch
         # Rows leave a window in shuffled order, so within one the progress is interpolated;
         # at its end it is the exact count (not a + (b - a), which can miss b by an ulp).
@@ -410,12 +327,10 @@ class _SequenceIterator(grain.DatasetIterator):
             frac = self._row / ds.window_rows
             used = window.start_used + frac * (window.end_used - window.start_used)
         epochs = used / np.asarray(ds.shares, np.float64)
-        batch["epochs"] = epochs
-        batch["epoch"] = np.float64(epochs.max())
         if self._row == ds.window_rows:
             self._start, self._window_index, self._row = window.end, self._window_index + 1, 0
             self._window = None
-        return batch
+        return LocalBatch(batch, np.float64(epochs.max()), epochs)
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -612,16 +527,3 @@ def make_pipeline(
             dataset, prefetch_buffer_size=prefetch
         )
     return iter(dataset)
-
-
-def make_global_batch(
-    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
-) -> dict[str, jax.Array]:
-    """The per-process rows of `batch` as global `jax.Array`s [global_batch, seq_len + 1] laid
-    out by `sharding` (e.g. `NamedSharding(mesh, P(("data", "fsdp")))`); only the row arrays
-    ('tokens', 'segment_ids', 'positions'), not the epoch metadata."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, batch[k])
-        for k in BATCH_ARRAYS
-        if k in batch
-    }

@@ -18,8 +18,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from polyglot_jax.data.shards import MANIFEST, tokenize_to_shards
+from polyglot_jax.data.records import MANIFEST
 from polyglot_jax.data.sources import iter_texts
+from polyglot_jax.data.tokenize import tokenize_to_shards
 from polyglot_jax.data.tokenizer import train_tokenizer
 from polyglot_jax.errors import InputError
 

@@ -28,7 +28,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from polyglot_jax.data.shards import decode_record, manifest_tokenizer, read_manifest, shard_files
+from polyglot_jax.data.records import decode_record, manifest_tokenizer, read_manifest, shard_files
 from polyglot_jax.data.tokenizer import PAD_TOKEN, LoadedTokenizer, load_tokenizer
 from polyglot_jax.errors import ConfigError, InputError
 

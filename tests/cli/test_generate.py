@@ -8,7 +8,7 @@ import pytest
 from hf_reference import random_hf_model
 from train_fixtures import REPO
 
-from polyglot_jax.hf_mapping import to_hf_config
+from polyglot_jax.hf.mapping import to_hf_config
 from polyglot_jax.model import ModelConfig
 
 

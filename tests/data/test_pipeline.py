@@ -1,6 +1,7 @@
 """grain pipeline: shuffling and shares, concat and packed rows, checkpoints, epochs, mixtures,
 global batches (one and two processes), the built-in sample, and an NSMC run end to end."""
 
+import dataclasses
 import gzip
 import itertools
 import json
@@ -18,30 +19,25 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from polyglot_jax.data.batch import LocalBatch
 from polyglot_jax.data.pipeline import (
     Corpus,
     default_data_config,
-    make_global_batch,
     make_pipeline,
     record_stream,
 )
+from polyglot_jax.data.records import FORMAT, decode_record, read_manifest, shard_name
 from polyglot_jax.data.sample import (
     builtin_corpus_texts,
     konlpy_corpus_files,
     nsmc_path,
     prepare_builtin_sample,
 )
-from polyglot_jax.data.shards import (
-    FORMAT,
-    decode_record,
-    read_manifest,
-    shard_name,
-    write_manifest,
-    write_shard,
-)
 from polyglot_jax.data.sources import iter_texts, list_input_files
+from polyglot_jax.data.tokenize import write_manifest, write_shard
 from polyglot_jax.data.tokenizer import load_tokenizer
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.train import make_global_batch
 
 EOS = 1
 SPAN = 1000  # token = 2 + doc * SPAN + position: every token says which document and where
@@ -97,6 +93,17 @@ def config(*dirs, **overrides):
 
 def take(it, n):
     return [next(it) for _ in range(n)]
+
+
+def fields(item):
+    """The arrays of a Batch, or of a LocalBatch's batch plus its epoch and epochs, by name (the
+    fields a concat batch does not have, None, left out)."""
+    batch = item.batch if isinstance(item, LocalBatch) else item
+    out = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    out = {k: v for k, v in out.items() if v is not None}
+    if isinstance(item, LocalBatch):
+        out.update(epoch=item.epoch, epochs=item.epochs)
+    return out
 
 
 def doc_of(tokens):
@@ -160,8 +167,8 @@ def test_concat_rows_are_the_token_stream(small):
         process_count=1,
     )
     batches = take(it, 60)  # > 1 epoch: wraps around
-    assert set(batches[0]) == {"tokens", "epoch", "epochs"}
-    rows = np.concatenate([b["tokens"] for b in batches])
+    assert set(fields(batches[0])) == {"tokens", "epoch", "epochs"}
+    rows = np.concatenate([b.batch.tokens for b in batches])
     assert rows.shape == (480, 33) and rows.dtype == np.int32
     n = rows.size
     assert np.array_equal(rows.ravel(), np.tile(stream, -(-n // stream.size))[:n])
@@ -178,7 +185,7 @@ def test_concat_shuffled_rows_are_chunks_of_the_record_stream(small):
         process_index=0,
         process_count=1,
     )
-    emitted = np.concatenate([b["tokens"] for b in take(it, 6)])  # 3 windows
+    emitted = np.concatenate([b.batch.tokens for b in take(it, 6)])  # 3 windows
     records = record_stream(
         [Corpus(str(root), manifest, manifest["records"])],
         [1.0],
@@ -245,9 +252,9 @@ def test_packed_rows_match_a_brute_force_first_fit(mixed):
         process_count=1,
     )
     window = take(it, rows // 8)
-    tokens = np.concatenate([b["tokens"] for b in window])
-    segs = np.concatenate([b["segment_ids"] for b in window])
-    pos = np.concatenate([b["positions"] for b in window])
+    tokens = np.concatenate([b.batch.tokens for b in window])
+    segs = np.concatenate([b.batch.segment_ids for b in window])
+    pos = np.concatenate([b.batch.positions for b in window])
     expected = first_fit_reference(docs, rows, row_len)
     for r in range(rows):
         pieces = check_packed_row(tokens[r], segs[r], pos[r], row_len)
@@ -269,9 +276,9 @@ def test_packed_windows_cover_the_record_stream_exactly_once(mixed):
     )
     emitted = []
     for b in take(it, 8 * rows // 8):  # 8 whole windows
-        for r in range(b["tokens"].shape[0]):
+        for r in range(b.batch.tokens.shape[0]):
             pieces = check_packed_row(
-                b["tokens"][r], b["segment_ids"][r], b["positions"][r], row_len
+                b.batch.tokens[r], b.batch.segment_ids[r], b.batch.positions[r], row_len
             )
             emitted.extend(np.concatenate(pieces).tolist())
     state = it.get_state()  # where the 9th window starts in the record stream
@@ -305,6 +312,7 @@ def test_restored_state_reproduces_the_next_batches(mixed, mode, prefetch):
         second = make_pipeline(cfg, **kwargs)
         second.set_state(state)
         for want, got in zip(expected, take(second, 7), strict=True):
+            want, got = fields(want), fields(got)
             assert want.keys() == got.keys()
             for k in want:
                 np.testing.assert_array_equal(want[k], got[k])
@@ -326,8 +334,8 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path, mixed):
             5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored))
         )
     for want, got in zip(expected, take(restored, 4), strict=True):
-        np.testing.assert_array_equal(want["tokens"], got["tokens"])
-        np.testing.assert_array_equal(want["segment_ids"], got["segment_ids"])
+        np.testing.assert_array_equal(want.batch.tokens, got.batch.tokens)
+        np.testing.assert_array_equal(want.batch.segment_ids, got.batch.segment_ids)
 
 
 def test_state_of_other_settings_is_refused(small):
@@ -359,7 +367,7 @@ def test_epoch_tracks_the_tokens_read(small):
         process_index=0,
         process_count=1,
     )
-    epochs = [float(b["epoch"]) for b in take(it, 100)]
+    epochs = [float(b.epoch) for b in take(it, 100)]
     assert all(b >= a for a, b in zip(epochs, epochs[1:], strict=False))
     window_tokens = rows * row_len
     mean_record = manifest["tokens"] / manifest["records"]
@@ -385,12 +393,12 @@ def test_weighted_mixture(tmp_path):
         process_count=1,
     )
     batches = take(it, 40)
-    tokens = np.concatenate([x["tokens"].ravel() for x in batches])
+    tokens = np.concatenate([x.batch.tokens.ravel() for x in batches])
     body = tokens[tokens != EOS]
     share_a = (doc_of(body) < 10_000).mean()
     assert abs(share_a - 0.75) < 0.03, share_a
-    epochs = batches[-1]["epochs"]
-    assert epochs.shape == (2,) and batches[-1]["epoch"] == epochs.max()
+    epochs = batches[-1].epochs
+    assert epochs.shape == (2,) and batches[-1].epoch == epochs.max()
     with pytest.raises(ConfigError, match="weights has 1 entries for 2"):
         make_pipeline(config(tmp_path / "a", tmp_path / "b", weights=(1.0,)), seq_len=8,
                       global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
@@ -405,10 +413,10 @@ def test_processes_read_disjoint_shares(small):
             process_index=p, process_count=2,
         )  # fmt: skip
         batches = []
-        while not batches or batches[-1]["epoch"] < 1.0:  # every record of the share started
+        while not batches or batches[-1].epoch < 1.0:  # every record of the share started
             batches.append(next(it))
         batches += take(it, 2)  # and the last one finished
-        tokens = np.concatenate([b["tokens"].ravel() for b in batches])
+        tokens = np.concatenate([b.batch.tokens.ravel() for b in batches])
         seen.append(set(doc_of(tokens[tokens != EOS]).tolist()))
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(len(docs)))
@@ -431,13 +439,40 @@ def test_global_batch_on_a_mesh(small):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     it = make_pipeline(config(root, mode="packed"), seq_len=16, global_batch_size=16)
-    local = next(it)
-    arrays = make_global_batch(local, sharding)
+    local = next(it).batch
+    arrays = fields(make_global_batch(local, sharding))
     assert set(arrays) == {"tokens", "segment_ids", "positions"}
     for k, v in arrays.items():
         assert v.shape == (16, 17) and v.sharding == sharding
-        np.testing.assert_array_equal(np.asarray(v), local[k])
+        np.testing.assert_array_equal(np.asarray(v), fields(local)[k])
         assert len({s.data.shape for s in v.addressable_shards}) == 1  # 2 rows per device
+
+
+@pytest.mark.parametrize("mode", ["concat", "packed"])
+def test_loss_mask_counts_the_predictions_inside_a_piece(mixed, mode):
+    """Concat rows: every next-token prediction counts. Packed rows: one from token t counts when
+    t + 1 is in the same piece (none into the next piece, none on padding)."""
+    root, _ = mixed
+    row_len = 33
+    it = make_pipeline(config(root, mode=mode, shuffle_buffer=16), seq_len=row_len - 1,
+                       global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
+    for local in take(it, 4):
+        b = local.batch
+        assert b.loss_mask.shape == (8, row_len - 1) and b.loss_mask.dtype == bool
+        inputs, positions, segment_ids = b.model_inputs()
+        np.testing.assert_array_equal(inputs, b.tokens[:, :-1])
+        np.testing.assert_array_equal(b.targets, b.tokens[:, 1:])
+        if mode == "concat":
+            assert b.loss_mask.all() and positions is None and segment_ids is None
+            continue
+        np.testing.assert_array_equal(positions, b.positions[:, :-1])
+        np.testing.assert_array_equal(segment_ids, b.segment_ids[:, :-1])
+        for r in range(8):
+            pieces = check_packed_row(b.tokens[r], b.segment_ids[r], b.positions[r], row_len)
+            same_piece_next = [[True] * (len(p) - 1) + [False] for p in pieces]
+            padding = [False] * (row_len - sum(map(len, pieces)))
+            want = np.array(sum(same_piece_next, []) + padding)[:-1]
+            np.testing.assert_array_equal(b.loss_mask[r], want)
 
 
 WORKER = textwrap.dedent(
@@ -445,16 +480,17 @@ WORKER = textwrap.dedent(
     import sys, numpy as np, jax
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from polyglot_jax.data.pipeline import default_data_config, make_global_batch, make_pipeline
+    from polyglot_jax.data.pipeline import default_data_config, make_pipeline
+    from polyglot_jax.train import make_global_batch
     port, pid, root, out = sys.argv[1:]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
     c = default_data_config(); c.shards = (root,); c.mode = "packed"; c.prefetch = 0
     it = make_pipeline(c, seq_len=16, global_batch_size=16)
-    local = next(it)
+    local = next(it).batch
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     arrays = make_global_batch(local, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-    gathered = multihost_utils.process_allgather(arrays["tokens"], tiled=True)
-    np.savez(out, local=local["tokens"], gathered=gathered, n=jax.process_count())
+    gathered = multihost_utils.process_allgather(arrays.tokens, tiled=True)
+    np.savez(out, local=local.tokens, gathered=gathered, n=jax.process_count())
     """
 )
 
@@ -499,7 +535,7 @@ def test_two_processes_build_one_global_batch(small, tmp_path):
             config(root, mode="packed"), seq_len=16, global_batch_size=16, process_index=i,
             process_count=2,
         )  # fmt: skip
-        np.testing.assert_array_equal(next(alone)["tokens"], r["local"])
+        np.testing.assert_array_equal(next(alone).batch.tokens, r["local"])
     assert not set(doc_of(both[:8][both[:8] > 1])) & set(doc_of(both[8:][both[8:] > 1]))
 
 
@@ -529,7 +565,7 @@ def test_builtin_default_feeds_the_pipeline():
                        process_count=1)  # fmt: skip
     batch = next(it)
     tok = load_tokenizer(prepare_builtin_sample().parent / "tokenizer")
-    assert batch["tokens"].shape == (8, 65) and batch["tokens"].max() < tok.vocab_size
+    assert batch.batch.tokens.shape == (8, 65) and batch.batch.tokens.max() < tok.vocab_size
     # Without the NSMC reviews beside the repo the sample is too small to fill all 4,096 ids.
     assert tok.vocab_size == 4096 if nsmc_path() else tok.vocab_size <= 4096
 
@@ -558,7 +594,7 @@ def test_nsmc_clean_train_tokenizer_tokenize_pipeline(shared_data, tmp_path):
                        global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
     segments = 0
     for batch in take(it, 3):
-        for tokens, segs in zip(batch["tokens"], batch["segment_ids"], strict=True):
+        for tokens, segs in zip(batch.batch.tokens, batch.batch.segment_ids, strict=True):
             for s in range(1, segs.max() + 1):
                 seg = tokens[segs == s]
                 assert seg[-1] == tok.eos_id and tok.eos_id not in seg[:-1]
@@ -625,9 +661,9 @@ def test_a_window_of_one_epoch_reports_exactly_one_epoch(tmp_path, mode, shuffle
     kwargs = dict(seq_len=32, global_batch_size=8, process_index=0, process_count=1)
     it = make_pipeline(cfg, **kwargs)
     batches = take(it, 4)  # two windows
-    window = np.concatenate([b["tokens"] for b in batches[:2]])
+    window = np.concatenate([b.batch.tokens for b in batches[:2]])
     assert sorted(window.ravel().tolist()) == list(range(1, 16 * 33 + 1))  # one whole epoch
-    epochs = [float(b["epoch"]) for b in batches]
+    epochs = [float(b.epoch) for b in batches]
     assert epochs[1] == 1.0 and epochs[3] == 2.0  # exact, not one record ahead (9/8)
     assert 0.0 < epochs[0] < 1.0 < epochs[2] < 2.0
     # Restored mid-window and at the window's end, the epochs stay exact; a state saved before
@@ -640,7 +676,7 @@ def test_a_window_of_one_epoch_reports_exactly_one_epoch(tmp_path, mode, shuffle
         for saved in (state, before_fix):
             restored = make_pipeline(cfg, **kwargs)
             restored.set_state(saved)
-            assert [float(b["epoch"]) for b in take(restored, 4 - skip)] == epochs[skip:]
+            assert [float(b.epoch) for b in take(restored, 4 - skip)] == epochs[skip:]
 
 
 @pytest.mark.parametrize("mode", ["concat", "packed"])
@@ -665,12 +701,12 @@ def test_epochs_at_window_ends_count_the_tokens_placed(tmp_path, mode):
             it = make_pipeline(cfg, **kwargs)
             it.set_state(state)
         batch = next(it)
-        reference.add(batch["tokens"].ravel())
+        reference.add(batch.batch.tokens.ravel())
         want = reference.used() / shares
-        np.testing.assert_allclose(batch["epochs"], want, rtol=1e-12, atol=0)
-        assert batch["epoch"] == batch["epochs"].max()
+        np.testing.assert_allclose(batch.epochs, want, rtol=1e-12, atol=0)
+        assert batch.epoch == batch.epochs.max()
         fractional += bool(np.any(np.abs(want * shares - np.round(want * shares)) > 1e-9))
-    assert batch["epoch"] > 2.0
+    assert batch.epoch > 2.0
     assert fractional > 100  # most windows end inside a record
 
 

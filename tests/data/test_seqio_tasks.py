@@ -12,7 +12,8 @@ seqio = pytest.importorskip("seqio", reason="the seqio extra is not installed")
 tf = pytest.importorskip("tensorflow", reason="the seqio extra is not installed")
 
 from polyglot_jax.data import seqio_tasks  # noqa: E402
-from polyglot_jax.data.shards import read_manifest, tokenize_to_shards  # noqa: E402
+from polyglot_jax.data.records import read_manifest  # noqa: E402
+from polyglot_jax.data.tokenize import tokenize_to_shards  # noqa: E402
 from polyglot_jax.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from polyglot_jax.errors import ConfigError  # noqa: E402
 

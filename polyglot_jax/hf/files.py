@@ -1,4 +1,5 @@
-"""Hugging Face weight files: a streaming sharded-safetensors writer and a one-tensor-at-a-time reader.
+"""The files of a Hugging Face model directory: `config.json` (checked), a streaming sharded-safetensors
+writer, and a reader of safetensors or `pytorch_model.bin` weights one tensor at a time.
 
 safetensors layout: an 8-byte little-endian header length N, N bytes of JSON (`{key: {"dtype",
 "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, offsets relative to the data that
@@ -26,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from polyglot_jax.errors import InputError
+from polyglot_jax.hf.mapping import from_hf_config
 
 SAFETENSORS_DTYPES = {
     np.dtype(np.float64): "F64",
@@ -84,7 +86,7 @@ class TensorEntry:
 
 def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
     """Consecutive groups of `entries`, each at most `max_shard_bytes` of tensor data unless a
-    single tensor is larger (it then fills a shard alone), as transformers shards."""
+    single tensor is larger (it then fills a shard alone)."""
     shards: list[list[TensorEntry]] = [[]]
     size = 0
     for entry in entries:
@@ -231,6 +233,22 @@ class ShardedSafetensorsWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds, self._staging = [], None
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """`hf_dir/config.json`, with every architecture field checked (InputError naming the file and
+    the field), so that `from-hf` and `generate --hf` fail before loading or writing anything."""
+    file = pathlib.Path(hf_dir) / "config.json"
+    if not file.is_file():
+        raise InputError(f"{file} does not exist: not a Hugging Face model directory")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{file}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: not a JSON object ({type(data).__name__})")
+    from_hf_config(data, source=str(file))
+    return data
 
 
 class HFWeights:

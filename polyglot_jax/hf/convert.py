@@ -6,7 +6,7 @@ it) at a time and writes each piece straight into its place in preallocated safe
 whole model is ever in memory, and no torch is needed (except to read `pytorch_model.bin`, and for
 `verify_*`, which load both models to compare logits).
 
-What goes where is `hf_mapping.tensor_specs`: each HF tensor, our key path and (for scanned layers)
+What goes where is `mapping.tensor_specs`: each HF tensor, our key path and (for scanned layers)
 the row of the stacked [layers, ...] parameter. A piece of our array becomes a box of the HF tensor
 through the axis order that the spec's `to_hf` realises (derived once by running `to_hf` on a small
 index array), so checkpoints whose chunks cut tensors anywhere (any mesh) convert on one CPU.
@@ -38,13 +38,20 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from polyglot_jax import hf_mapping
-from polyglot_jax.checkpoint import first_line, previous_step_hint, unreadable_cause
-from polyglot_jax.checkpoint_arrays import CheckpointReader, CheckpointWriter, write_step_metadata
+from polyglot_jax.checkpoint import first_line, load_params, unreadable_cause
 from polyglot_jax.errors import ConfigError, InputError
-from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
+from polyglot_jax.hf import mapping
+from polyglot_jax.hf.files import (
+    HFWeights,
+    ShardedSafetensorsWriter,
+    TensorEntry,
+    parse_size,
+    read_hf_config,
+)
+from polyglot_jax.hf.orbax_arrays import CheckpointReader, CheckpointWriter, write_step_metadata
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.output_dir import check_output, staged
+from polyglot_jax.workdir import load_run_config, previous_step_hint, run_tokenizer, step_directory
 
 OUTPUT_DTYPES = {
     "float16": np.dtype(np.float16),
@@ -68,60 +75,22 @@ class Converted:
     step: int | None = None
 
 
-# ---------------------------------------------------------------- reading a run directory
+# ---------------------------------------------------------------- our parameters, grouped by spec
 
 
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`workdir/config.json` (the resolved config a run writes) as a ConfigDict."""
-    file = pathlib.Path(workdir) / "config.json"
-    if not file.is_file():
-        raise InputError(f"{file} does not exist: not a polyglot-jax run directory")
-    try:
-        return ml_collections.ConfigDict(json.loads(file.read_text()))
-    except ValueError as e:
-        raise InputError(f"{file}: not valid JSON ({e})") from e
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with a complete `params` item under `workdir/checkpoints/`, ascending."""
-    root = pathlib.Path(workdir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(
-        int(p.name)
-        for p in root.iterdir()
-        if p.name.isdigit() and (p / "params" / "_METADATA").is_file()
-    )
-
-
-def step_directory(workdir: str | os.PathLike, step: int | None) -> tuple[int, pathlib.Path]:
-    """(step, `workdir/checkpoints/<step>`): the given step, or the latest when None."""
-    steps = checkpoint_steps(workdir)
-    root = pathlib.Path(workdir) / "checkpoints"
-    if not steps:
-        raise InputError(f"no checkpoint with params under {root}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise InputError(
-            f"no checkpoint for step {step} in {root} (available: {', '.join(map(str, steps))})"
-        )
-    return step, root / str(step)
-
-
-def _stacked(spec: hf_mapping.TensorSpec) -> bool:
-    """True when the spec is one row of a scanned [layers, ...] parameter (hf_mapping's rule)."""
+def _stacked(spec: mapping.TensorSpec) -> bool:
+    """True when the spec is one row of a scanned [layers, ...] parameter (mapping's rule)."""
     return spec.layer is not None and spec.path[0] == "layers"
 
 
-def _specs_by_path(cfg: ModelConfig) -> dict[tuple[str, ...], list[hf_mapping.TensorSpec]]:
-    groups: dict[tuple[str, ...], list[hf_mapping.TensorSpec]] = {}
-    for spec in hf_mapping.tensor_specs(cfg):
+def _specs_by_path(cfg: ModelConfig) -> dict[tuple[str, ...], list[mapping.TensorSpec]]:
+    groups: dict[tuple[str, ...], list[mapping.TensorSpec]] = {}
+    for spec in mapping.tensor_specs(cfg):
         groups.setdefault(spec.path, []).append(spec)
     return groups
 
 
-def _stored_shape(group: list[hf_mapping.TensorSpec]) -> tuple[int, ...]:
+def _stored_shape(group: list[mapping.TensorSpec]) -> tuple[int, ...]:
     """The shape of our parameter: one spec's shape, or [layers, ...] for a scanned stack."""
     return (len(group), *group[0].ours_shape) if _stacked(group[0]) else group[0].ours_shape
 
@@ -160,7 +129,7 @@ def _axis_orders() -> dict[str, tuple[int, ...]]:
     dimensions all differ (so only the true permutation matches)."""
     probe = ModelConfig(vocab_size=11, num_layers=1, d_model=8, d_ff=10, num_heads=2, rotary_dim=2)
     orders = {}
-    for spec in hf_mapping.tensor_specs(probe):
+    for spec in mapping.tensor_specs(probe):
         x = np.arange(math.prod(spec.ours_shape)).reshape(spec.ours_shape)
         hf = np.asarray(spec.to_hf(x)).reshape(-1)
         for perm in itertools.permutations(range(x.ndim)):
@@ -175,93 +144,29 @@ def _axis_orders() -> dict[str, tuple[int, ...]]:
     return orders
 
 
-def axis_order(spec: hf_mapping.TensorSpec) -> tuple[int, ...]:
+def axis_order(spec: mapping.TensorSpec) -> tuple[int, ...]:
     """The permutation p of our (one-layer) axes such that the HF tensor, read row-major, is our
     array transposed by p: a box of ours lands in the same box of the HF tensor viewed with shape
     `ours_shape[p]`."""
     return _axis_orders()[_kind(spec.hf_key)]
 
 
-def hf_view_shape(spec: hf_mapping.TensorSpec) -> tuple[int, ...]:
+def hf_view_shape(spec: mapping.TensorSpec) -> tuple[int, ...]:
     """The shape under which the HF tensor is our (one-layer) array with permuted axes."""
     return tuple(spec.ours_shape[i] for i in axis_order(spec))
 
 
-def ours_view(spec: hf_mapping.TensorSpec, hf_tensor: np.ndarray) -> np.ndarray:
+def ours_view(spec: mapping.TensorSpec, hf_tensor: np.ndarray) -> np.ndarray:
     """`spec.from_hf(hf_tensor)` as a strided view (no copy): the copy that casts to our dtype
     then does the transposition in the same pass."""
     return hf_tensor.reshape(hf_view_shape(spec)).transpose(np.argsort(axis_order(spec)))
 
 
-# ---------------------------------------------------------------- output directories
+# ---------------------------------------------------------------- output files
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def run_tokenizer(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, override: str | None = None
-) -> pathlib.Path | None:
-    """The tokenizer directory of a run: `override`, else `config.data.tokenizer` when set, else
-    `workdir/tokenizer` (what `from_hf` writes) when present, else the tokenizer recorded in the
-    manifest of the run's first tokenized directory; None when unknown."""
-    data = config.get("data") or {}
-    if override:
-        path = pathlib.Path(override)
-    elif data.get("tokenizer"):
-        path = pathlib.Path(data["tokenizer"])
-    elif (workdir / "tokenizer" / "tokenizer.json").is_file():
-        path = workdir / "tokenizer"
-    else:
-        path = _manifest_tokenizer(data)
-        if path is None:
-            return None
-    if not (path / "tokenizer.json").is_file():
-        raise InputError(f"tokenizer directory {path} has no tokenizer.json")
-    return path
-
-
-def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
-    """The tokenizer that made the run's first tokenized directory, if that is still on disk.
-
-    The built-in sample is not prepared just to find out (a run on it names its tokenizer in
-    `config.data.tokenizer` when it matters, as the demo does).
-    """
-    shards = list(data.get("shards") or ())
-    if not shards or shards[0] == "builtin":
-        return None
-    from absl import logging
-
-    from polyglot_jax.data.shards import manifest_tokenizer
-
-    manifest = pathlib.Path(shards[0]) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
-        # Only a fallback for finding the tokenizer: say so, but do not block the export.
-        logging.warning(
-            "%s: not a readable manifest (%s); the export has no tokenizer", manifest, e
-        )
-        return None
-    if not recorded:
-        return None
-    # Absolute in new manifests; older ones hold the path as typed: the same lookup as the data
-    # side (manifest's directory first, then the current one).
-    path = manifest_tokenizer(manifest.parent, str(recorded))
-    if path is None:
-        logging.warning(
-            "%s names tokenizer %r, found neither under %s nor from %s; the export has no "
-            "tokenizer (pass --tokenizer=DIR or set config.data.tokenizer)",
-            manifest, recorded, manifest.parent, os.getcwd(),
-        )  # fmt: skip
-        return None
-    return path.parent if path.is_file() else path  # a recorded tokenizer.json: its directory
 
 
 def _copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:
@@ -330,7 +235,7 @@ def to_hf(
                 f"config.model.vocab_size={cfg.vocab_size} (in {workdir / 'config.json'})"
             )
 
-    specs = hf_mapping.tensor_specs(cfg)
+    specs = mapping.tensor_specs(cfg)
     entries = [TensorEntry(s.hf_key, out_dtype, s.hf_shape) for s in specs]
     total = sum(e.nbytes for e in entries)
     with staged(out) as tmp:
@@ -351,7 +256,7 @@ def to_hf(
         except BaseException:
             writer.abort()
             raise
-        hf_config = hf_mapping.to_hf_config(
+        hf_config = mapping.to_hf_config(
             cfg, eos_token_id=eos, bos_token_id=DEFAULT_BOS_ID, torch_dtype=dtype
         )
         hf_config["dtype"] = dtype  # transformers 5's name for torch_dtype
@@ -379,7 +284,7 @@ def _read_errors_named(blocks: Iterator[Any], step_dir: pathlib.Path, hint: str)
 
 def _copy_parameter(
     blocks: Iterator[tuple[Any, np.ndarray]],
-    group: list[hf_mapping.TensorSpec],
+    group: list[mapping.TensorSpec],
     writer: ShardedSafetensorsWriter,
 ) -> None:
     """Moves one of our parameters (all its layers, as `(index, block)` from the checkpoint) into
@@ -438,30 +343,14 @@ def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 # ---------------------------------------------------------------- HF -> orbax
 
 
-def read_hf_config(hf_dir: pathlib.Path) -> dict[str, Any]:
-    """`hf_dir/config.json`, with every architecture field checked (InputError naming the file and
-    the field), so that `from-hf` and `generate --hf` fail before loading or writing anything."""
-    file = pathlib.Path(hf_dir) / "config.json"
-    if not file.is_file():
-        raise InputError(f"{file} does not exist: not a Hugging Face model directory")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"{file}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise InputError(f"{file}: not a JSON object ({type(data).__name__})")
-    hf_mapping.from_hf_config(data, source=str(file))
-    return data
-
-
 def _check_hf_tensors(
-    weights: HFWeights, specs: list[hf_mapping.TensorSpec], hf_dir: pathlib.Path
+    weights: HFWeights, specs: list[mapping.TensorSpec], hf_dir: pathlib.Path
 ) -> dict[str, str]:
     """Canonical key -> stored key, after checking names and shapes (before anything is written)."""
-    outputs = [k for k in weights.keys() if k in hf_mapping.OUTPUT_KEYS]
+    outputs = [k for k in weights.keys() if k in mapping.OUTPUT_KEYS]
     if len(outputs) > 1:  # both name the output projection: which one to take is a guess
         raise InputError(f"{hf_dir}: holds both {' and '.join(outputs)}; keep one of them")
-    stored = hf_mapping.normalize_hf_keys(weights.keys())
+    stored = mapping.normalize_hf_keys(weights.keys())
     unexpected = sorted(set(stored) - {s.hf_key for s in specs})
     if unexpected:
         raise InputError(
@@ -491,7 +380,7 @@ def run_config_for(
     config = (config if config is not None else base_config()).copy_and_resolve_references()
     if "model" not in config:
         raise ConfigError("the config has no model section")
-    for key, value in hf_mapping.from_hf_config(hf_config).items():
+    for key, value in mapping.from_hf_config(hf_config).items():
         config.model[key] = value
     return config
 
@@ -522,7 +411,7 @@ def from_hf(
     param_dtype = PARAM_DTYPES[cfg.param_dtype]
     check_output(out, [hf_dir], overwrite=overwrite)
     weights = HFWeights(hf_dir)
-    specs = hf_mapping.tensor_specs(cfg)
+    specs = mapping.tensor_specs(cfg)
     stored = _check_hf_tensors(weights, specs, hf_dir)
     groups = _specs_by_path(cfg)
     arrays = {path: (_stored_shape(g), param_dtype) for path, g in groups.items()}
@@ -559,7 +448,7 @@ def from_hf(
 def _our_blocks(
     weights: HFWeights,
     stored: dict[str, str],
-    specs: list[hf_mapping.TensorSpec],
+    specs: list[mapping.TensorSpec],
     writer: CheckpointWriter,
     dtype: np.dtype,
 ) -> Iterator[tuple[tuple[str, ...], tuple[slice, ...], np.ndarray]]:
@@ -618,29 +507,6 @@ def _random_batches(cfg: ModelConfig, batches: int, seq_len: int) -> list[np.nda
     rng = np.random.default_rng(0)
     seq_len = min(seq_len, cfg.max_len)
     return [rng.integers(0, cfg.vocab_size, (2, seq_len), dtype=np.int32) for _ in range(batches)]
-
-
-def load_params(workdir: str | os.PathLike, step: int | None, cfg: ModelConfig) -> Any:
-    """The params of `workdir`'s checkpoint `step` (latest when None), whole, on the first device."""
-    import flax.linen as nn
-    import jax
-
-    from polyglot_jax.checkpoint import restore_params
-    from polyglot_jax.model import abstract_params
-
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=device),
-        abstract_params(cfg),
-        is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
-    if step is None:  # the latest readable one: a damaged newest step falls back, with a warning
-        step_directory(workdir, None)  # one clear error when there is none
-        params, _ = restore_params(pathlib.Path(workdir) / "checkpoints", abstract)
-        return params
-    _, step_dir = step_directory(workdir, step)
-    params, _ = restore_params(step_dir, abstract)
-    return params
 
 
 def verify_hf_against_workdir(

@@ -1,11 +1,22 @@
-"""A run directory (`--workdir`) and what keeps it whole: a lock, its configs, resume rules.
+"""A run directory (`--workdir`): its layout, its configs, its checkpoint steps, its tokenizer, the
+lock and the resume rules that keep it whole. Files only: nothing here imports jax or orbax.
 
     workdir/
       .lock                 held (flock) by the one `train` process 0 working on it
       config.json           the config of the latest start: it describes the checkpoints
       config_history.jsonl  one line per start or resume: {"step", "time", "host", "config"}
-      checkpoints/<step>/   orbax (checkpoint.py)
+      checkpoints/<step>/   orbax (checkpoint.py; `convert from-hf` writes step 0 itself)
+      tokenizer/            the tokenizer `convert from-hf` copies from the HF directory
       metrics.jsonl, tb/    metrics.py
+
+Which checkpoints a workdir holds (`finished_steps`), one rule for every reader (resume, init_from,
+to-hf, generate): orbax writes a step into `<step>.orbax-checkpoint-tmp-<n>/` and renames it to
+`<step>/` once every item is written (its CheckpointManager lists steps the same way on a local or
+mounted filesystem), and `from-hf` assembles its whole output, `checkpoints/0/` included, in a
+staged directory renamed into place at the end. So a directory named by a step number is a finished
+checkpoint, and nothing else is. Whether its files are still readable is the reader's question: a
+damaged step is named (or, when no step was asked for, skipped with a warning), never silently left
+out of the listing.
 
 Which config changes a resume accepts (`resume_changes`):
 - free: how far the run goes and how it is logged, saved, laid out and computed without changing
@@ -37,6 +48,7 @@ import ml_collections
 from polyglot_jax.errors import ConfigError, InputError
 
 CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
 HISTORY = "config_history.jsonl"
 LOCK = ".lock"
 
@@ -151,6 +163,18 @@ def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`workdir/config.json` (the resolved config a run writes) as a ConfigDict; InputError when
+    the workdir has none (what reads a finished run: to-hf, generate)."""
+    file = pathlib.Path(workdir) / CONFIG
+    if not file.is_file():
+        raise InputError(f"{file} does not exist: not a polyglot-jax run directory")
+    try:
+        return ml_collections.ConfigDict(json.loads(file.read_text()))
+    except ValueError as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from e
+
+
 def record_start(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int) -> None:
     """Writes `config.json` (atomically) and appends the start to `config_history.jsonl`."""
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
@@ -199,3 +223,100 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
             os.ftruncate(fd, 0)  # the holder's name goes with it: an idle workdir's lock is empty
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# ---------------------------------------------------------------- checkpoint steps
+
+
+def finished_steps(checkpoints_dir: str | os.PathLike) -> list[int]:
+    """The finished checkpoints in a `checkpoints/` directory, ascending: its subdirectories named
+    by a step number (the rule in the module docstring). Opens and creates nothing."""
+    root = pathlib.Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def step_directory(workdir: str | os.PathLike, step: int | None) -> tuple[int, pathlib.Path]:
+    """(step, `workdir/checkpoints/<step>`): the given step, or the latest when None."""
+    root = pathlib.Path(workdir) / CHECKPOINTS
+    steps = finished_steps(root)
+    if not steps:
+        raise InputError(f"no checkpoint with params under {root}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise InputError(
+            f"no checkpoint for step {step} in {root} (available: {', '.join(map(str, steps))})"
+        )
+    return step, root / str(step)
+
+
+def previous_step_hint(checkpoints_dir: pathlib.Path, step: int) -> str:
+    """`; the previous one is step N (--step=N)` when an older checkpoint exists, else ``."""
+    older = [s for s in finished_steps(checkpoints_dir) if s < step]
+    return f"; the previous one is step {older[-1]} (--step={older[-1]})" if older else ""
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def run_tokenizer(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, override: str | None = None
+) -> pathlib.Path | None:
+    """The tokenizer directory of a run: `override`, else `config.data.tokenizer` when set, else
+    `workdir/tokenizer` (what `from_hf` writes) when present, else the tokenizer recorded in the
+    manifest of the run's first tokenized directory; None when unknown."""
+    data = config.get("data") or {}
+    if override:
+        path = pathlib.Path(override)
+    elif data.get("tokenizer"):
+        path = pathlib.Path(data["tokenizer"])
+    elif (workdir / "tokenizer" / "tokenizer.json").is_file():
+        path = workdir / "tokenizer"
+    else:
+        path = _manifest_tokenizer(data)
+        if path is None:
+            return None
+    if not (path / "tokenizer.json").is_file():
+        raise InputError(f"tokenizer directory {path} has no tokenizer.json")
+    return path
+
+
+def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
+    """The tokenizer that made the run's first tokenized directory, if that is still on disk.
+
+    The built-in sample is not prepared just to find out (a run on it names its tokenizer in
+    `config.data.tokenizer` when it matters, as the demo does).
+    """
+    shards = list(data.get("shards") or ())
+    if not shards or shards[0] == "builtin":
+        return None
+    from absl import logging
+
+    from polyglot_jax.data.records import manifest_tokenizer
+
+    manifest = pathlib.Path(shards[0]) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        # Only a fallback for finding the tokenizer: say so, but do not block the export.
+        logging.warning(
+            "%s: not a readable manifest (%s); the export has no tokenizer", manifest, e
+        )
+        return None
+    if not recorded:
+        return None
+    # Absolute in new manifests; older ones hold the path as typed: the same lookup as the data
+    # side (manifest's directory first, then the current one).
+    path = manifest_tokenizer(manifest.parent, str(recorded))
+    if path is None:
+        logging.warning(
+            "%s names tokenizer %r, found neither under %s nor from %s; the export has no "
+            "tokenizer (pass --tokenizer=DIR or set config.data.tokenizer)",
+            manifest, recorded, manifest.parent, os.getcwd(),
+        )  # fmt: skip
+        return None
+    return path.parent if path.is_file() else path  # a recorded tokenizer.json: its directory

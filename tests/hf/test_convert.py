@@ -1,6 +1,6 @@
-"""Checkpoint conversion orbax <-> HF, checked against transformers, safetensors and hf_mapping.
+"""Checkpoint conversion orbax <-> HF, checked against transformers, safetensors and hf.mapping.
 
-The references are independent of the streaming code: `hf_mapping.to_hf_state_dict` /
+The references are independent of the streaming code: `mapping.to_hf_state_dict` /
 `from_hf_state_dict` on whole in-memory trees, transformers' GPTNeoXForCausalLM, the `safetensors`
 package's reader, and orbax's own restore.
 """
@@ -24,14 +24,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
-from polyglot_jax import convert, hf_mapping
 from polyglot_jax.checkpoint import Checkpointer, restore_params
-from polyglot_jax.checkpoint_arrays import CheckpointReader
 from polyglot_jax.config import base_config
 from polyglot_jax.errors import ConfigError, InputError
-from polyglot_jax.hf_files import HFWeights, ShardedSafetensorsWriter, TensorEntry, parse_size
+from polyglot_jax.hf import convert, mapping
+from polyglot_jax.hf.files import HFWeights, ShardedSafetensorsWriter
+from polyglot_jax.hf.orbax_arrays import CheckpointReader, CheckpointWriter
 from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
 from polyglot_jax.partitioning import logical_shardings, make_mesh, rules_from_config
+from polyglot_jax.workdir import load_run_config
 
 # Every dimension divides a (fsdp 2, model 4) mesh; distinct sizes catch transposition mistakes.
 MODEL = dict(
@@ -165,7 +166,7 @@ def test_to_hf_float32_matches_reference_and_transformers(run, tmp_path):
         "generation_config.json",
         "model.safetensors",
     ]
-    reference = hf_mapping.to_hf_state_dict(params[5], cfg)
+    reference = mapping.to_hf_state_dict(params[5], cfg)
     written = read_safetensors(out)
     assert written.keys() == reference.keys()
     for key, value in reference.items():
@@ -180,7 +181,7 @@ def test_to_hf_picks_the_requested_step(run, tmp_path):
     workdir, cfg, params = run
     convert.to_hf(workdir, tmp_path / "hf", step=0, dtype="float32", show_progress=False)
     written = read_safetensors(tmp_path / "hf")
-    for key, value in hf_mapping.to_hf_state_dict(params[0], cfg).items():
+    for key, value in mapping.to_hf_state_dict(params[0], cfg).items():
         assert np.array_equal(written[key], value), key
 
 
@@ -205,7 +206,7 @@ def test_to_hf_from_a_sharded_mesh_into_small_shards(tmp_path):
             sizes = [handle.get_tensor(k).nbytes for k in handle.keys()]
         assert sum(sizes) <= 40_000 or len(sizes) == 1
     written = read_safetensors(out)
-    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+    for key, value in mapping.to_hf_state_dict(params, cfg).items():
         assert written[key].dtype == ml_dtypes.bfloat16, key
         assert np.array_equal(written[key], value.astype(ml_dtypes.bfloat16)), key
     model = load_hf(out)
@@ -239,39 +240,8 @@ def test_to_hf_reads_other_orbax_layouts(tmp_path, use_ocdbt, use_zarr3, mesh_sh
         assert math.prod(reader.chunk_shape(path)) < math.prod(reader.shape(path))
     convert.to_hf(workdir, tmp_path / "hf", dtype="float32", show_progress=False)
     written = read_safetensors(tmp_path / "hf")
-    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+    for key, value in mapping.to_hf_state_dict(params, cfg).items():
         assert np.array_equal(written[key], value), key
-
-
-def test_reader_reassembles_rows_from_edge_chunks(tmp_path):
-    """Chunks that do not divide the array (zarr v2 pads edge chunks): whole rows come out."""
-    import tensorstore as ts
-
-    from polyglot_jax.checkpoint_arrays import BLOCK_BYTES
-
-    data = np.random.default_rng(0).standard_normal((7, 12, 5)).astype(np.float32)
-    params_dir = tmp_path / "params"
-    spec = {
-        "driver": "zarr",
-        "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": "w/"},
-        "metadata": {"shape": [7, 12, 5], "chunks": [3, 5, 5], "compressor": {"id": "zstd"}},
-        "dtype": "float32",
-        "create": True,
-    }
-    ts.open(spec).result().write(data).result()
-    key = {"key_metadata": [{"key": "w", "key_type": 2}], "value_metadata": {}}
-    (params_dir / "_METADATA").write_text(json.dumps({"tree_metadata": {"('w',)": key}}))
-    reader = CheckpointReader(params_dir)
-    assert reader.chunk_shape(("w",)) == (3, 5, 5)
-    for single_rows in (True, False):
-        out, rows = np.full(data.shape, np.nan, np.float32), []
-        for index, block in reader.blocks(("w",), single_rows=single_rows):
-            assert index[1:] == (slice(0, 12), slice(0, 5))  # whole rows
-            out[index] = block
-            rows.append(len(block))
-        assert np.array_equal(out, data)
-        assert rows == ([1] * 7 if single_rows else [3, 3, 1])  # one block per band: < BLOCK_BYTES
-    assert data[:3].nbytes < BLOCK_BYTES
 
 
 def test_the_tokenizer_travels_with_the_weights(tmp_path, shared_data):
@@ -313,7 +283,7 @@ def test_unscanned_layers_convert_both_ways(tmp_path):
     workdir = save_run(tmp_path / "run", config, {0: params})
     convert.to_hf(workdir, tmp_path / "hf", dtype="float32", show_progress=False)
     written = read_safetensors(tmp_path / "hf")
-    for key, value in hf_mapping.to_hf_state_dict(params, cfg).items():
+    for key, value in mapping.to_hf_state_dict(params, cfg).items():
         assert np.array_equal(written[key], value), key
     convert.from_hf(tmp_path / "hf", tmp_path / "back", config=config, show_progress=False)
     assert_trees_equal(restore(tmp_path / "back", cfg), params)
@@ -329,10 +299,10 @@ def test_from_hf_logits_equal_transformers(hf_model_dir, tmp_path):
     params = restore(out, cfg)
     sd = hf_state_dict(model)
     sd["embed_out.weight"] = sd.pop("lm_head.weight")
-    assert_trees_equal(params, hf_mapping.from_hf_state_dict(sd, cfg))
+    assert_trees_equal(params, mapping.from_hf_state_dict(sd, cfg))
     diff = np.max(np.abs(our_logits(params, cfg) - hf_logits(model, TOKENS)))
     assert diff <= 1e-4
-    config = convert.load_run_config(out)
+    config = load_run_config(out)
     assert ModelConfig.from_config(config.model) == ModelConfig.from_config(
         run_config(dtype="bfloat16").model
     )  # the architecture from HF, the numerics from the base config
@@ -347,9 +317,9 @@ def test_from_hf_reads_pytorch_bin_with_legacy_buffers(hf_model_dir, tmp_path):
     state["gpt_neox.layers.0.attention.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
     state["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = torch.ones(4)
     torch.save(state, directory / "pytorch_model.bin")
-    (directory / "config.json").write_text(json.dumps(hf_mapping.to_hf_config(cfg)))
+    (directory / "config.json").write_text(json.dumps(mapping.to_hf_config(cfg)))
     convert.from_hf(directory, tmp_path / "run", show_progress=False)
-    expected = hf_mapping.from_hf_state_dict({k: v.float().numpy() for k, v in state.items()}, cfg)
+    expected = mapping.from_hf_state_dict({k: v.float().numpy() for k, v in state.items()}, cfg)
     assert_trees_equal(restore(tmp_path / "run", cfg), expected)
 
 
@@ -360,7 +330,7 @@ def test_from_hf_output_is_what_the_trainer_restores_on_a_mesh(hf_model_dir, tmp
     directory, cfg, _ = hf_model_dir
     out = tmp_path / "run"
     convert.from_hf(directory, out, config=run_config(), show_progress=False)
-    config = convert.load_run_config(out)
+    config = load_run_config(out)
     config.mesh.fsdp, config.mesh.model = 2, 4
     mesh_shape = {"data": 1, "fsdp": 2, "model": 4, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1}
     mesh, rules = make_mesh(mesh_shape), rules_from_config(config.mesh.rules)
@@ -393,52 +363,6 @@ def test_float16_hf_through_orbax_and_back_is_bit_identical(hf_model_dir, tmp_pa
     assert again.keys() == original.keys()
     for key, value in original.items():
         assert again[key].dtype == np.float16 and np.array_equal(again[key], value), key
-
-
-# ---------------------------------------------------------------- safetensors files
-
-
-def test_streaming_writer_matches_the_safetensors_reader(tmp_path):
-    rng = np.random.default_rng(0)
-    tensors = {
-        "a": rng.standard_normal((5, 7)).astype(np.float32),
-        "b": rng.standard_normal((3,)).astype(ml_dtypes.bfloat16),
-        "c": rng.standard_normal((4, 6)).astype(np.float16),
-    }
-    entries = [TensorEntry(k, v.dtype, v.shape) for k, v in tensors.items()]
-    writer = ShardedSafetensorsWriter(tmp_path, entries, max_shard_bytes=10**6)
-    writer.write_box("c", (6, 4), (slice(0, 6), slice(2, 4)), tensors["c"][2:4].T)
-    writer.write("a", tensors["a"])
-    writer.write_box("c", (6, 4), (slice(0, 6), slice(0, 2)), tensors["c"][0:2].T)
-    with pytest.raises(RuntimeError, match="b: 0 of 3"):
-        writer.close()
-    writer = ShardedSafetensorsWriter(tmp_path, entries, max_shard_bytes=10**6)
-    for key, value in tensors.items():
-        writer.write(key, value)
-    assert writer.close() == [tmp_path / "model.safetensors"]
-    with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
-        assert f.metadata() == {"format": "pt"}
-        for key, value in tensors.items():
-            got = f.get_tensor(key)
-            assert got.dtype == value.dtype and np.array_equal(got, value), key
-    written_by_safetensors = tmp_path / "ref"
-    written_by_safetensors.mkdir()
-    save_file(tensors, str(written_by_safetensors / "model.safetensors"))
-    weights = HFWeights(written_by_safetensors)
-    for key, value in tensors.items():
-        got = weights.get(key)
-        assert weights.shape(key) == value.shape and got.dtype == value.dtype
-        assert np.array_equal(got, value), key
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("2GiB") == 2 * 2**30
-    assert parse_size("40KB") == 40_000
-    assert parse_size("1000") == 1000
-    for bad in ("5 parsecs", "-1GB", "0"):
-        with pytest.raises(InputError):
-            parse_size(bad)
 
 
 # ---------------------------------------------------------------- bad input
@@ -523,8 +447,6 @@ def test_a_failed_conversion_leaves_no_output(run, hf_model_dir, tmp_path, monke
         convert.to_hf(workdir, tmp_path / "hf", show_progress=False)
     monkeypatch.undo()
 
-    from polyglot_jax.checkpoint_arrays import CheckpointWriter
-
     calls.clear()
     original = CheckpointWriter.write
     monkeypatch.setattr(CheckpointWriter, "write", fail_on_third)
@@ -547,21 +469,6 @@ def test_a_truncated_checkpoint_chunk_is_reported(tmp_path):
     with pytest.raises(InputError, match=r"layers.mlp.up_kernel/0.0.0 .*(truncated|corrupt)"):
         convert.to_hf(workdir, tmp_path / "hf", show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-
-
-def test_run_tokenizer_falls_back_to_the_shards_manifest(tmp_path):
-    """A run that does not name its tokenizer exports the one its shards were made with."""
-    from train_fixtures import tiny_config, tiny_shards
-
-    from polyglot_jax.convert import run_tokenizer
-
-    shards = tiny_shards(tmp_path / "cache")
-    config = tiny_config(shards)
-    assert not config.data.tokenizer
-    recorded = json.loads((shards / "manifest.json").read_text())["tokenizer"]
-    assert run_tokenizer(config, tmp_path) == pathlib.Path(recorded)
-    config.data.shards = ("builtin",)
-    assert run_tokenizer(config, tmp_path) is None
 
 
 def _word_tokenizer(directory: pathlib.Path, vocab: dict[str, int]) -> pathlib.Path:

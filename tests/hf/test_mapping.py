@@ -5,8 +5,8 @@ import pytest
 from hf_reference import hf_state_dict, random_hf_model
 from transformers import GPTNeoXConfig
 
-from polyglot_jax import hf_mapping
 from polyglot_jax.errors import InputError
+from polyglot_jax.hf import mapping
 from polyglot_jax.model import ModelConfig
 
 CFG = ModelConfig(
@@ -25,8 +25,8 @@ def _as_files(sd: dict) -> dict:
 def test_round_trip_reproduces_state_dict_exactly(scan_layers):
     cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": scan_layers})
     sd = _as_files(hf_state_dict(random_hf_model(cfg)))
-    back = hf_mapping.to_hf_state_dict(hf_mapping.from_hf_state_dict(sd, cfg), cfg)
-    assert list(back) == [s.hf_key for s in hf_mapping.tensor_specs(cfg)]
+    back = mapping.to_hf_state_dict(mapping.from_hf_state_dict(sd, cfg), cfg)
+    assert list(back) == [s.hf_key for s in mapping.tensor_specs(cfg)]
     assert set(back) == set(sd)
     for key in sd:
         assert back[key].dtype == sd[key].dtype and np.array_equal(back[key], sd[key]), key
@@ -35,7 +35,7 @@ def test_round_trip_reproduces_state_dict_exactly(scan_layers):
 def test_qkv_is_grouped_per_head():
     """Row block h*3*Dh.. of HF's fused weight is head h's [q; k; v]: a plain 3-way split is wrong."""
     sd = _as_files(hf_state_dict(random_hf_model(CFG)))
-    params = hf_mapping.from_hf_state_dict(sd, CFG)
+    params = mapping.from_hf_state_dict(sd, CFG)
     w = sd["gpt_neox.layers.1.attention.query_key_value.weight"]  # [3D, D]
     dh = CFG.head_dim
     head, part = 3, 1  # head 3's key projection
@@ -50,7 +50,7 @@ def test_lm_head_name_and_legacy_buffers_are_accepted():
     sd["gpt_neox.layers.0.attention.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
     sd["gpt_neox.layers.0.attention.masked_bias"] = np.array(-1e9)
     sd["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = np.ones(2, np.float32)
-    params = hf_mapping.from_hf_state_dict(sd, CFG)
+    params = mapping.from_hf_state_dict(sd, CFG)
     np.testing.assert_array_equal(params["embed_out"], sd["lm_head.weight"].T)
 
 
@@ -60,7 +60,7 @@ def test_missing_key_is_named():
     with pytest.raises(
         InputError, match=r"missing tensor gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias"
     ):
-        hf_mapping.from_hf_state_dict(sd, CFG)
+        mapping.from_hf_state_dict(sd, CFG)
 
 
 def test_shape_mismatch_names_key_and_both_shapes():
@@ -69,24 +69,24 @@ def test_shape_mismatch_names_key_and_both_shapes():
     with pytest.raises(
         InputError, match=r"dense_h_to_4h\.weight has shape \(160, 81\), expected \(160, 80\)"
     ):
-        hf_mapping.from_hf_state_dict(sd, CFG)
+        mapping.from_hf_state_dict(sd, CFG)
 
 
 def test_unexpected_tensor_is_an_error():
     sd = _as_files(hf_state_dict(random_hf_model(CFG)))
     sd["gpt_neox.layers.2.mlp.dense_h_to_4h.weight"] = np.zeros((160, 80), np.float32)
     with pytest.raises(InputError, match="unexpected tensor"):
-        hf_mapping.from_hf_state_dict(sd, CFG)
+        mapping.from_hf_state_dict(sd, CFG)
 
 
 def test_config_round_trip_through_transformers():
     """Our config.json -> transformers' GPTNeoXConfig -> its saved dict -> our config."""
     for cfg in (CFG, ModelConfig(30080, 28, 4096, 16384, 16, 64)):
-        hf = GPTNeoXConfig(**hf_mapping.to_hf_config(cfg))
+        hf = GPTNeoXConfig(**mapping.to_hf_config(cfg))
         assert int(
             hf.hidden_size // hf.num_attention_heads * hf.rope_parameters["partial_rotary_factor"]
         ) == (cfg.rotary_dim)
-        back = hf_mapping.from_hf_config(hf.to_dict())
+        back = mapping.from_hf_config(hf.to_dict())
         for key, value in back.items():
             assert getattr(cfg, key) == value, key
 
@@ -100,7 +100,7 @@ def test_released_style_config_json():
         "layer_norm_eps": 1e-05, "tie_word_embeddings": False, "use_parallel_residual": True,
         "bos_token_id": 0, "eos_token_id": 2, "torch_dtype": "float16",
     }  # fmt: skip
-    fields = hf_mapping.from_hf_config(released)
+    fields = mapping.from_hf_config(released)
     assert fields == {
         "vocab_size": 30080, "num_layers": 24, "d_model": 2048, "d_ff": 8192, "num_heads": 16,
         "rotary_dim": 64, "rope_base": 10000.0, "max_len": 2048, "layer_norm_eps": 1e-5,
@@ -117,16 +117,16 @@ def test_released_style_config_json():
     ],
 )
 def test_unsupported_hf_configs_are_refused(change, message):
-    hf = {**hf_mapping.to_hf_config(CFG), **change}
+    hf = {**mapping.to_hf_config(CFG), **change}
     with pytest.raises(InputError, match=message):
-        hf_mapping.from_hf_config(hf)
+        mapping.from_hf_config(hf)
 
 
 def test_hf_config_missing_field():
-    hf = hf_mapping.to_hf_config(CFG)
+    hf = mapping.to_hf_config(CFG)
     del hf["intermediate_size"]
     with pytest.raises(InputError, match="intermediate_size"):
-        hf_mapping.from_hf_config(hf)
+        mapping.from_hf_config(hf)
 
 
 @pytest.mark.parametrize(
@@ -163,24 +163,24 @@ def test_hf_config_missing_field():
     ],
 )
 def test_malformed_hf_config_fields_are_named(change, message):
-    hf = {**hf_mapping.to_hf_config(CFG), **change}
+    hf = {**mapping.to_hf_config(CFG), **change}
     with pytest.raises(InputError, match=r"^some/config\.json.*" + message) as caught:
-        hf_mapping.from_hf_config(hf, source="some/config.json")
+        mapping.from_hf_config(hf, source="some/config.json")
     assert len(str(caught.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("value", [[1, 2], "config", None, 3])
 def test_hf_config_that_is_not_an_object(value):
     with pytest.raises(InputError, match=r"config\.json: not a JSON object"):
-        hf_mapping.from_hf_config(value)
+        mapping.from_hf_config(value)
 
 
 def test_good_hf_configs_still_pass():
     """The default names, transformers 5's rope_parameters, and integral rope bases."""
-    hf = hf_mapping.to_hf_config(CFG)
-    assert hf_mapping.from_hf_config(hf)["rotary_dim"] == 4
+    hf = mapping.to_hf_config(CFG)
+    assert mapping.from_hf_config(hf)["rotary_dim"] == 4
     nested = {k: v for k, v in hf.items() if k not in ("rotary_pct", "rotary_emb_base")}
     nested["rope_parameters"] = {"rope_theta": 500, "partial_rotary_factor": 1.0}
-    fields = hf_mapping.from_hf_config(nested)
+    fields = mapping.from_hf_config(nested)
     assert (fields["rotary_dim"], fields["rope_base"]) == (16, 500.0)
-    assert hf_mapping.from_hf_config({**hf, "rope_parameters": None})["rotary_dim"] == 4
+    assert mapping.from_hf_config({**hf, "rope_parameters": None})["rotary_dim"] == 4

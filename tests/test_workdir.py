@@ -1,4 +1,5 @@
-"""A workdir is never lost: which config changes a resume takes, the lock, torn metrics, cleanup.
+"""A workdir is never lost: which config changes a resume takes, the lock, torn metrics, cleanup;
+and what every reader sees in it: one listing of its finished steps, its tokenizer.
 
 Every refused resume must leave the workdir byte for byte as it was (checkpoints, config.json,
 metrics.jsonl), since that is the bug this guards: a mismatch once moved every good checkpoint
@@ -16,8 +17,10 @@ import shutil
 import pytest
 from train_fixtures import tiny_config, tiny_shards
 
-from polyglot_jax import run_dir
+from polyglot_jax import workdir as wd
+from polyglot_jax.checkpoint import Checkpointer, load_params
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.model import ModelConfig
 from polyglot_jax.train import train
 
 
@@ -46,7 +49,7 @@ def _snapshot(workdir: pathlib.Path) -> dict[str, str]:
     return {
         str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(workdir.rglob("*"))
-        if p.is_file() and p.name != run_dir.LOCK
+        if p.is_file() and p.name != wd.LOCK
     }
 
 
@@ -83,7 +86,7 @@ DATA_KEYS = ("train.batch_size", "train.seq_len")
     ],
 )
 def test_each_field_has_its_class(key, kind):
-    changes = run_dir.resume_changes({key: 1, "same": 0}, {key: 2, "same": 0})
+    changes = wd.resume_changes({key: 1, "same": 0}, {key: 2, "same": 0})
     assert {k: getattr(changes, k) for k in ("free", "shapes", "guarded")} == {
         "free": {},
         "shapes": {},
@@ -94,7 +97,7 @@ def test_each_field_has_its_class(key, kind):
 
 
 def test_fields_known_to_one_side_only_are_not_compared():
-    changes = run_dir.resume_changes({"train.old_field": 1}, {"train.new_field": 2})
+    changes = wd.resume_changes({"train.old_field": 1}, {"train.new_field": 2})
     assert not (changes.free or changes.shapes or changes.guarded)
 
 
@@ -145,7 +148,7 @@ def test_more_steps_and_other_logging_resume_where_it_stopped(shards, base_run, 
     # Steps 1-3 are the first run's (not trained again); the data goes on from where it stood.
     assert [records[s] for s in (1, 2, 3)] == [_records(base_run)[s] for s in (1, 2, 3)]
     assert records[3]["epoch"] < records[4]["epoch"] < records[5]["epoch"]
-    history = [json.loads(ln) for ln in (run / run_dir.HISTORY).read_text().splitlines()]
+    history = [json.loads(ln) for ln in (run / wd.HISTORY).read_text().splitlines()]
     assert [h["step"] for h in history] == [0, 3]
     assert history[-1]["config"]["train"]["steps"] == 5
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 5
@@ -191,7 +194,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(shards, run, caplog)
 
 def test_a_locked_workdir_is_refused(shards, run):
     before = _snapshot(run)
-    with run_dir.locked(run):
+    with wd.locked(run):
         with pytest.raises(
             ConfigError, match=f"{run} is in use by process .* one train per workdir"
         ):
@@ -205,3 +208,57 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_new_workdir(shards, tm
     with pytest.raises(InputError, match="does not exist"):
         train(tiny_config(shards, train__init_from=str(tmp_path / "missing")), workdir)
     assert not workdir.exists()
+
+
+# ---------------------------------------------------------------- what readers see
+
+
+def test_one_listing_of_finished_steps(tmp_path):
+    """A finished step is a directory named by its number; orbax's in-flight
+    `<step>.orbax-checkpoint-tmp-*`, files and other names are not steps, for any reader."""
+    root = tmp_path / wd.CHECKPOINTS
+    for name in ("3", "12", "7.orbax-checkpoint-tmp-1700000000", "corrupt", "tmp"):
+        (root / name).mkdir(parents=True)
+    (root / "5").write_text("")  # a file, not a step
+    assert wd.finished_steps(root) == [3, 12]
+    assert Checkpointer.steps_in(tmp_path) == [3, 12]  # what train's resume check sees
+    assert wd.step_directory(tmp_path, None) == (12, root / "12")  # to-hf and generate
+    with pytest.raises(InputError, match=r"no checkpoint for step 7 in .* \(available: 3, 12\)"):
+        wd.step_directory(tmp_path, 7)
+    assert wd.previous_step_hint(root, 12) == "; the previous one is step 3 (--step=3)"
+    assert wd.previous_step_hint(root, 3) == ""
+    assert wd.finished_steps(tmp_path / "nope") == []
+    with pytest.raises(InputError, match="no checkpoint with params under"):
+        wd.step_directory(tmp_path / "nope", None)
+
+
+def test_readers_skip_a_save_in_flight_and_name_a_damaged_step(run, tmp_path, caplog):
+    """An unfinished save is invisible; a finished step whose items are gone is listed, so it is
+    named (to-hf) or skipped with a warning (the latest params), never silently passed over."""
+    from polyglot_jax.hf.convert import to_hf
+
+    caplog.set_level(logging.WARNING)
+    checkpoints = run / wd.CHECKPOINTS
+    shutil.copytree(checkpoints / "3", checkpoints / "9.orbax-checkpoint-tmp-1700000000")
+    (checkpoints / "5").mkdir()
+    assert Checkpointer.steps_in(run) == [3, 5]
+    cfg = ModelConfig.from_config(wd.load_run_config(run).model)
+    assert load_params(run, None, cfg)["embed_in"].shape == (cfg.vocab_size, cfg.d_model)
+    assert f"checkpoint {checkpoints / '5'} cannot be read" in caplog.text
+    with pytest.raises(
+        InputError,
+        match=r"checkpoints/5/params/_METADATA: .*; the previous one is step 3 \(--step=3\)",
+    ):
+        to_hf(run, tmp_path / "hf", show_progress=False)
+    to_hf(run, tmp_path / "hf", step=3, show_progress=False)
+
+
+def test_run_tokenizer_falls_back_to_the_shards_manifest(tmp_path):
+    """A run that does not name its tokenizer exports the one its shards were made with."""
+    shards = tiny_shards(tmp_path / "cache")
+    config = tiny_config(shards)
+    assert not config.data.tokenizer
+    recorded = json.loads((shards / "manifest.json").read_text())["tokenizer"]
+    assert wd.run_tokenizer(config, tmp_path) == pathlib.Path(recorded)
+    config.data.shards = ("builtin",)
+    assert wd.run_tokenizer(config, tmp_path) is None

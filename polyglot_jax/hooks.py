@@ -1,0 +1,174 @@
+"""The training loop's periodic work, as hooks: `hook(step, state, metrics)` after every step.
+
+`step` is the number of steps done (1 after the first), `state` the `TrainState` after it and
+`metrics` the step's host values: `loss`, `grad_norm`, `finite` (whether the update was applied),
+`tokens` (targets that counted) and `epoch`. A hook decides itself when to act; `close()` runs once
+when the loop ends, however it ends. The loop (train.py) applies the NaN policy before the hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Protocol
+
+import jax
+from absl import logging
+
+from polyglot_jax.metrics import LossWatch, MetricsWriter
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+class Hook(Protocol):
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ProgressBar:
+    """A tqdm bar over the run's steps (process 0), with the last finite loss."""
+
+    def __init__(self, start: int, steps: int, *, enabled: bool):
+        import sys
+
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+
+        self.bar = tqdm(
+            total=steps,
+            initial=start,
+            disable=not enabled,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if interactive else 30,  # a log file: a line every 30 s, not every step
+        )
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.bar.update(1)
+        if metrics["finite"]:
+            self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class WatchLoss:
+    """Feeds every finite loss to a `LossWatch` (warnings for spikes and sudden drops)."""
+
+    def __init__(self, watch: LossWatch):
+        self.watch = watch
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if metrics["finite"]:
+            self.watch.update(step, float(metrics["loss"]), metrics["epoch"])
+
+    def close(self) -> None:
+        pass
+
+
+class LogMetrics:
+    """Every `every` steps and at the last one (when the step is finite): one record to the
+    `MetricsWriter`, timed over the steps since the previous record. `last` is the latest."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        schedule: Any,
+        *,
+        every: int,
+        last_step: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak_flops: float | None,
+    ):
+        self.writer = writer
+        self.schedule = schedule
+        self.every, self.last_step = every, last_step
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.last: dict[str, Any] = {}
+        self.skipped = 0  # steps whose update was not applied (nan_policy='skip')
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        self._window_steps += 1
+        if not metrics["finite"]:
+            self.skipped += 1
+            return
+        if step % self.every and step != self.last_step:
+            return
+        step_time = (time.perf_counter() - self._window_start) / max(self._window_steps, 1)
+        peak = self.peak_flops
+        self.last = {
+            "step": step,
+            "loss": float(metrics["loss"]),
+            "lr": float(self.schedule(step - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time_s": step_time,
+            "mfu": (
+                self.flops_per_step / step_time / (peak * jax.device_count()) if peak else None
+            ),
+            "epoch": metrics["epoch"],
+            "skipped_steps": self.skipped,
+        }
+        self.writer.write(self.last)
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class SaveCheckpoints:
+    """Saves every `every` steps and at the last one; when `stop_requested()` (SIGTERM/SIGINT on
+    any process) says so, saves this step, waits for the write and sets `preempted`: the loop
+    then returns."""
+
+    def __init__(
+        self, ckpt: Any, data_iter: Any, stop_requested: Any, *, every: int, last_step: int
+    ):
+        self.ckpt, self.data_iter, self.stop_requested = ckpt, data_iter, stop_requested
+        self.every, self.last_step = every, last_step
+        self.preempted = False
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        stop = self.stop_requested()
+        if step % self.every == 0 or step == self.last_step or stop:
+            self.ckpt.save(step, state.params, state.opt_state, self.data_iter, force=True)
+        if stop:
+            self.ckpt.wait()
+            logging.warning("saved step %d after a stop signal; exiting", step)
+            self.preempted = True
+
+    def close(self) -> None:
+        pass  # the loop closes the checkpointer itself, after every hook
+
+
+class Profile:
+    """A `jax.profiler` trace of steps `first + 1 .. first + count` (`config.train.profile_steps`
+    = (first, count)) into `directory`; a run resumed past `first` traces nothing."""
+
+    def __init__(self, directory: str, first: int, count: int, *, start: int):
+        self.directory, self.first, self.count = directory, first, count
+        self.active = False
+        self._maybe_start(start)
+
+    def _maybe_start(self, step: int) -> None:
+        if self.count and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if self.active and step == self.first + self.count:
+            self.close()
+        self._maybe_start(step)
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
