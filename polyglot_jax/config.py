@@ -291,6 +291,54 @@ def check_train(
         )
 
 
+def check_data(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, *, missing_ok: bool = False
+) -> None:
+    """The data section, without preparing anything: one ConfigError/InputError naming the field.
+
+    Every tokenized directory's manifest must be readable and its ids must fit the model's
+    vocabulary; the built-in sample is checked by the vocabulary it will be tokenized with.
+    `missing_ok` skips directories that do not exist here (`info` on a machine without the data).
+    """
+    from polyglot_jax.data.pipeline import BUILTIN, MODES
+    from polyglot_jax.data.records import read_manifest
+    from polyglot_jax.data.sample import SAMPLE_VOCAB_SIZE
+
+    d = config.data
+    if d.get("mode", "concat") not in MODES:
+        raise ConfigError(f"config.data.mode={d.mode!r}; choose one of {MODES}")
+    for name in ("shuffle_buffer", "prefetch"):
+        value = d.get(name, 1)
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < (name == "shuffle_buffer")
+        ):
+            raise ConfigError(
+                f"config.data.{name}={value!r} must be an int >= {int(name == 'shuffle_buffer')}"
+            )
+    shards = (d.shards,) if isinstance(d.get("shards"), str) else tuple(d.get("shards", ()))
+    if not shards:
+        raise ConfigError("config.data.shards is empty: name tokenized directories or 'builtin'")
+    weights = tuple(d.get("weights", ()))
+    if weights and len(weights) != len(shards):
+        raise ConfigError(
+            f"config.data.weights has {len(weights)} entries for {len(shards)} shards directories"
+        )
+    for entry in shards:
+        if entry == BUILTIN:
+            ids, where = SAMPLE_VOCAB_SIZE, "the built-in sample's tokenizer"
+        elif missing_ok and not pathlib.Path(entry).exists():
+            continue
+        else:
+            ids, where = read_manifest(entry)["vocab_size"], f"the tokenizer that made {entry}"
+        if ids > model_cfg.vocab_size:
+            raise ConfigError(
+                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {ids} token "
+                f"ids of {where}"
+            )
+
+
 def validate(
     config: ml_collections.ConfigDict, num_devices: int
 ) -> tuple[ModelConfig, dict[str, int]]:

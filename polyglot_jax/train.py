@@ -32,10 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from polyglot_jax import flops
 from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import Checkpointer, restore_params
-from polyglot_jax.config import validate
+from polyglot_jax.config import check_data, validate
 from polyglot_jax.data.batch import Batch, LocalBatch
-from polyglot_jax.data.pipeline import make_pipeline, tokenized_directories
-from polyglot_jax.data.records import read_manifest
+from polyglot_jax.data.pipeline import make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.hooks import (
     LogMetrics,
@@ -73,17 +72,6 @@ def check_train_config(
 
     check_train(config, model_cfg, mesh_shape)
     check_attention_backend(model_cfg.attention_impl)
-
-
-def check_data_vocab(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
-    """Every tokenized corpus's ids must fit the model's (padded) vocabulary."""
-    for directory in tokenized_directories(config.data):
-        ids = read_manifest(directory)["vocab_size"]
-        if ids > model_cfg.vocab_size:
-            raise ConfigError(
-                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {ids} token ids of "
-                f"the tokenizer that made {directory}"
-            )
 
 
 def _unboxed_shapes(tree: Any) -> Any:
@@ -300,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     workdir = pathlib.Path(workdir)
     model_cfg, mesh_shape = validate(config, jax.device_count())
     check_train_config(config, model_cfg, mesh_shape)
-    check_data_vocab(config, model_cfg)
+    check_data(config, model_cfg)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     created = not workdir.exists()

@@ -318,3 +318,45 @@ def test_train_refuses_a_kernel_this_backend_lacks(impl):
     check_train(config, model_cfg, mesh_shape)  # info's checks pass: the config is fine elsewhere
     with pytest.raises(ConfigError, match=rf"attention_impl='{impl}' needs .*backend is cpu"):
         check_train_config(config, model_cfg, mesh_shape)
+
+
+def test_the_data_check_prepares_nothing(tmp_path):
+    """check_data judges the built-in sample by its tokenizer's size, without building it."""
+    from polyglot_jax.config import check_data
+
+    config = _tiny(model__vocab_size=1024)
+    config.data.cache_dir = str(tmp_path / "cache")
+    model_cfg, _ = validate(config, 8)
+    with pytest.raises(ConfigError, match=r"vocab_size=1024 is smaller than the 4096 token ids"):
+        check_data(config, model_cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mode", "pack", r"config\.data\.mode='pack'"),
+        ("shuffle_buffer", 0, r"config\.data\.shuffle_buffer=0 must be an int >= 1"),
+        ("prefetch", -1, r"config\.data\.prefetch=-1 must be an int >= 0"),
+        ("shards", (), r"config\.data\.shards is empty"),
+        ("weights", (1.0, 2.0), r"config\.data\.weights has 2 entries for 1 shards"),
+    ],
+)
+def test_bad_data_fields(field, value, message, tmp_path):
+    from polyglot_jax.config import check_data
+
+    config = _tiny()
+    config.data[field] = value
+    with pytest.raises(ConfigError, match=message):
+        check_data(config, validate(config, 8)[0])
+
+
+def test_missing_data_directories_are_skipped_only_when_asked(tmp_path):
+    from polyglot_jax.config import check_data
+
+    config = _tiny()
+    config.data.shards = (str(tmp_path / "elsewhere"),)
+    model_cfg, _ = validate(config, 8)
+    check_data(config, model_cfg, missing_ok=True)
+    with pytest.raises(InputError, match="elsewhere"):
+        check_data(config, model_cfg)
