@@ -23,10 +23,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from polyglot_jax import flops
-from polyglot_jax.config import validate
+from polyglot_jax.config import validate_run
 from polyglot_jax.data.batch import Batch
 from polyglot_jax.partitioning import make_mesh, rules_from_config
-from polyglot_jax.train import build_step, check_train_config
+from polyglot_jax.train import build_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to time.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile-and-warm-up step).")
@@ -37,8 +37,8 @@ def main(argv):
     import flax.linen as nn
 
     config = _CONFIG.value
-    model_cfg, mesh_shape = validate(config, jax.device_count())
-    check_train_config(config, model_cfg, mesh_shape)
+    run = validate_run(config, jax.device_count())
+    model_cfg, mesh_shape = run.model, run.mesh_shape
     t = config.train
     mesh, rules = make_mesh(mesh_shape), rules_from_config(config.mesh.rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

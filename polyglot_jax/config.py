@@ -7,6 +7,7 @@ passes `arg` (a variant), and `--config.a.b=v` overrides any field (ml_collectio
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import numbers
@@ -362,3 +363,27 @@ def validate(
     }
     check_divisibility(abstract_params(model_cfg), mesh_shape, rules, fields)
     return model_cfg, mesh_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A config checked as a whole: the model and the resolved mesh a run starts from."""
+
+    model: ModelConfig
+    mesh_shape: dict[str, int]
+
+
+def validate_run(
+    config: ml_collections.ConfigDict, num_devices: int, *, this_machine: bool = True
+) -> Run:
+    """Every check, in one place: model, mesh and rules (`validate`), the train and data sections,
+    and, with `this_machine`, the attention kernel against this backend and every data directory
+    (`info` passes False: a config may describe another machine). One error naming the field."""
+    from polyglot_jax.attention import check_attention_backend
+
+    model_cfg, mesh_shape = validate(config, num_devices)
+    check_train(config, model_cfg, mesh_shape)
+    check_data(config, model_cfg, missing_ok=not this_machine)
+    if this_machine:
+        check_attention_backend(model_cfg.attention_impl)
+    return Run(model_cfg, mesh_shape)

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from polyglot_jax import flops
 from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import Checkpointer, restore_params
-from polyglot_jax.config import check_data, validate
+from polyglot_jax.config import validate_run
 from polyglot_jax.data.batch import Batch, LocalBatch
 from polyglot_jax.data.pipeline import make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
@@ -58,20 +58,6 @@ from polyglot_jax.partitioning import (
 
 class NonFiniteLoss(PolyglotError):
     """The loss or gradient norm became NaN/Inf under `nan_policy='halt'`."""
-
-
-def check_train_config(
-    config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh_shape: dict
-) -> None:
-    """The train section against the model and the mesh, and the attention kernel against this
-    machine's backend; one ConfigError naming the field."""
-    # The section's checks live in config.py so that `polyglot-jax info` runs them too; the
-    # backend check only here, where the run really executes (info may describe another machine).
-    from polyglot_jax.attention import check_attention_backend
-    from polyglot_jax.config import check_train
-
-    check_train(config, model_cfg, mesh_shape)
-    check_attention_backend(model_cfg.attention_impl)
 
 
 def _unboxed_shapes(tree: Any) -> Any:
@@ -286,9 +272,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     early, `nothing_to_do: True` when the checkpoint already reached `steps`).
     """
     workdir = pathlib.Path(workdir)
-    model_cfg, mesh_shape = validate(config, jax.device_count())
-    check_train_config(config, model_cfg, mesh_shape)
-    check_data(config, model_cfg)
+    run = validate_run(config, jax.device_count())
+    model_cfg, mesh_shape = run.model, run.mesh_shape
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     created = not workdir.exists()

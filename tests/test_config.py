@@ -310,14 +310,15 @@ def test_portable_attention_impls_run_anywhere(device):
 def test_train_refuses_a_kernel_this_backend_lacks(impl):
     """The trainer's pre-compile check uses the real device (the model itself still runs
     pallas_hopper in GPU interpret mode on CPU, as tests/test_model.py does)."""
-    from polyglot_jax.train import check_train_config
+    from polyglot_jax.config import validate_run
 
     hopper_shapes = {"model__num_heads": 2, "model__rotary_dim": 32, "model__dtype": "bfloat16"}
     config = _tiny(model__attention_impl=impl, **hopper_shapes)
     model_cfg, mesh_shape = validate(config, num_devices=1)
     check_train(config, model_cfg, mesh_shape)  # info's checks pass: the config is fine elsewhere
+    validate_run(config, 1, this_machine=False)  # what info checks
     with pytest.raises(ConfigError, match=rf"attention_impl='{impl}' needs .*backend is cpu"):
-        check_train_config(config, model_cfg, mesh_shape)
+        validate_run(config, 1)
 
 
 def test_the_data_check_prepares_nothing(tmp_path):

@@ -16,10 +16,10 @@ import pytest
 from train_fixtures import tiny_config, tiny_shards
 
 from polyglot_jax.checkpoint import restore_params
-from polyglot_jax.config import validate
+from polyglot_jax.config import validate, validate_run
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.hooks import LogMetrics, Profile, SaveCheckpoints, TrainState
-from polyglot_jax.train import NonFiniteLoss, build_step, check_train_config, train
+from polyglot_jax.train import NonFiniteLoss, build_step, train
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +167,9 @@ def test_nan_skip_keeps_parameters(shards, tmp_path, nan_loss):
 )
 def test_bad_train_configs(shards, overrides, message):
     config = tiny_config(shards, **overrides)
-    model_cfg, mesh_shape = validate(config, 8)
+    validate(config, 8)  # the model and mesh are fine: the train section is not
     with pytest.raises(ConfigError, match=message):
-        check_train_config(config, model_cfg, mesh_shape)
+        validate_run(config, 8)
 
 
 def test_model_vocab_must_hold_the_tokenizer(shards, tmp_path):

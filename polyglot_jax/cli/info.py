@@ -11,7 +11,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from polyglot_jax.config import check_data, check_train, validate
+from polyglot_jax.config import validate_run
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.model import abstract_params
 
@@ -30,11 +30,8 @@ def summarize(config: ml_collections.ConfigDict, num_devices: int) -> dict:
     Checks the train and data sections too (as `train` does, except the attention kernel against
     this machine's backend and data directories absent here: the config may well be meant for
     another machine)."""
-    model_cfg, mesh_shape = validate(config, num_devices)
-    if "train" in config:
-        check_train(config, model_cfg, mesh_shape)
-    if "data" in config:
-        check_data(config, model_cfg, missing_ok=True)
+    run = validate_run(config, num_devices, this_machine=False)
+    model_cfg, mesh_shape = run.model, run.mesh_shape
     boxed = abstract_params(model_cfg)
     shapes, total = {}, 0
     flat = jax.tree_util.tree_flatten_with_path(
