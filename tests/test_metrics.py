@@ -1,8 +1,47 @@
-"""The loss watch flags spikes and sudden drops against its running average, and nothing else."""
+"""The loss watch flags spikes and sudden drops against its running average, and nothing else;
+the metrics writer's TensorBoard scalars, read back from the event files' bytes, are its records."""
 
+import json
+import struct
+
+import numpy as np
 import pytest
 
-from polyglot_jax.metrics import LossWatch
+from polyglot_jax.metrics import LossWatch, MetricsWriter
+
+
+def _event_scalars(tb_dir):
+    """{tag: {step: value}} from TFRecord framing (u64 length, u32 crc, event, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_writer_tensorboard_scalars_equal_its_jsonl_records(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    records = [
+        {"step": s, "loss": 8.0 / s, "lr": 1e-3 * s, "mfu": None, "epoch": s / 10}
+        for s in (1, 2, 5)
+    ]
+    for record in records:
+        writer.write(record)
+    writer.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records
+    scalars = _event_scalars(tmp_path / "tb")
+    assert set(scalars) == {"train/loss", "train/lr", "train/epoch"}  # None is not a scalar
+    for key in ("loss", "lr", "epoch"):
+        want = {r["step"]: float(np.float32(r[key])) for r in records}
+        assert scalars[f"train/{key}"] == want, key
 
 
 def _feed(watch, losses, start=1):

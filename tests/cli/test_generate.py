@@ -81,3 +81,36 @@ def test_malformed_hf_config_json_is_named(tmp_path):
     assert out.returncode == 2, out.stderr
     assert f"{tmp_path / 'config.json'}: num_attention_heads=0 must be a positive" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def _word_tokenizer(directory, vocab_size):
+    """A whitespace word-level tokenizer.json: "w{i}" is id i, "<|endoftext|>" the last id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"<|endoftext|>": vocab_size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return {i: w for w, i in vocab.items()}
+
+
+def test_generate_prompt_text_and_decoded_text(tmp_path):
+    """--prompt is encoded with the directory's tokenizer (same result as the ids it names) and
+    `text` is the decoding of the generated ids (the word-level decoder joins with spaces)."""
+    cfg = ModelConfig(
+        vocab_size=96, num_layers=1, d_model=32, d_ff=64, num_heads=2, rotary_dim=8, max_len=32
+    )
+    random_hf_model(cfg, std=0.5).save_pretrained(tmp_path)
+    words = _word_tokenizer(tmp_path, 96)
+    common = ["generate", f"--hf={tmp_path}", "--max_new_tokens=6", "--greedy", "--json"]
+    results = []
+    for prompt in (["--prompt=w7 w42 w3"], ["--prompt_ids=7,42,3"]):
+        out = subprocess.run([sys.executable, "-m", "polyglot_jax", *common, *prompt], cwd=REPO,
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    by_text, by_ids = results
+    assert by_text == by_ids
+    ids = by_text["ids"]
+    assert 1 <= len(ids) <= 6 and (len(ids) == 6 or ids[-1] == 95)  # stops only at the eos
+    assert by_text["text"] == " ".join(words[i] for i in ids)

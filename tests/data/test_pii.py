@@ -213,10 +213,6 @@ def test_near_miss_untouched(text):
     assert mask_pii(text) == (text, {})
 
 
-def test_table_size():
-    assert len(POSITIVES) >= 40 and len(NEAR_MISSES) >= 20
-
-
 def test_counts_per_kind():
     text = "010-1234-5678 02-123-4567 900101-1234567 110-123-456789"
     masked, counts = mask_pii(text)

@@ -607,3 +607,71 @@ def test_a_good_weight_index_still_reads(hf_model_dir, tmp_path):
     )
     assert sorted(HFWeights(good).keys()) == sorted(keys)
     convert.from_hf(good, tmp_path / "out", show_progress=False)
+
+
+def _save_sharded_bin(model, directory: pathlib.Path, shards: int) -> None:
+    """HF's sharded pickle layout (transformers 5 writes only safetensors): pytorch_model-0000i-of-
+    0000n.bin files plus pytorch_model.bin.index.json with its weight_map."""
+    directory.mkdir()
+    model.config.save_pretrained(directory)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    weight_map = {k: names[i % shards] for i, k in enumerate(state)}
+    for name in names:
+        torch.save({k: v for k, v in state.items() if weight_map[k] == name}, directory / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_from_hf_of_sharded_checkpoints_equals_transformers(hf_model_dir, tmp_path, safe):
+    """Several shards and an index: safetensors as save_pretrained writes them, or .bin pickles."""
+    _, cfg, model = hf_model_dir
+    directory = tmp_path / "sharded"
+    if safe:
+        model.save_pretrained(directory, max_shard_size="40KB")
+    else:
+        _save_sharded_bin(model, directory, shards=4)
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    shards = set(json.loads((directory / index).read_text())["weight_map"].values())
+    assert len(shards) >= 3 and all((directory / s).is_file() for s in shards), shards
+    assert not list(directory.glob("model.safetensors")) and not list(
+        directory.glob("pytorch_model.bin")
+    )
+    convert.from_hf(directory, tmp_path / "run", show_progress=False)
+    ours = our_logits(restore(tmp_path / "run", cfg), cfg)
+    assert np.max(np.abs(ours - hf_logits(load_hf(directory), TOKENS))) <= 1e-4
+    assert np.max(np.abs(ours - hf_logits(model, TOKENS))) <= 1e-4
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, _NoTorch())
+for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+    del sys.modules[name]
+from polyglot_jax.cli import main
+main(["polyglot-jax", *sys.argv[1:]])
+assert "torch" not in sys.modules
+"""
+
+
+def test_to_hf_needs_no_torch(run, tmp_path):
+    import subprocess
+    import sys
+
+    workdir, cfg, params = run
+    out = tmp_path / "hf"
+    args = ["convert", "to-hf", f"--workdir={workdir}", f"--out={out}", "--dtype=float32"]
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True,
+                          text=True, cwd=pathlib.Path(__file__).parents[2], timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # The blocker works: the same bootstrap cannot import torch.
+    probe = _NO_TORCH.split("from polyglot_jax")[0] + "import torch\n"
+    blocked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert blocked.returncode == 1 and "blocked by the test" in blocked.stderr
+    diff = np.max(np.abs(our_logits(params[5], cfg) - hf_logits(load_hf(out), TOKENS)))
+    assert diff <= 1e-4
