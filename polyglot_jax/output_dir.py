@@ -62,7 +62,8 @@ def check_output(
     return target
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a staging directory's or temp file's owner)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,12 @@ def remove_stale(out: pathlib.Path) -> list[pathlib.Path]:
         rest = tmp.name[len(f".{out.name}{_PARTIAL}") :]
         replaced = rest.endswith(_REPLACED)
         owner = rest.removesuffix(_REPLACED).rsplit("-", 2)
-        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
+        if (
+            len(owner) != 3
+            or owner[0] != host
+            or not owner[1].isdigit()
+            or process_alive(int(owner[1]))
+        ):
             continue  # another host's, a live run's, or not ours
         if replaced and not out.exists():
             # Killed between its two renames: this is the previous output; put it back.

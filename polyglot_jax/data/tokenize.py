@@ -30,6 +30,7 @@ from polyglot_jax.data.records import FORMAT, MANIFEST, encode_record, shard_nam
 from polyglot_jax.data.sources import iter_texts, list_input_files
 from polyglot_jax.data.tokenizer import load_tokenizer, tokenizer_json_path
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.output_dir import process_alive
 
 DEFAULT_BLOCK_TOKENS = 8192
 DEFAULT_SHARD_CHARS = 16_000_000  # ~6-8 M tokens of Korean text per shard
@@ -270,20 +271,11 @@ def tokenize_to_shards(
             break
         created = parent
 
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # someone else's live process
-            return True
-        return True
-
     def remove_temporaries(warn: bool) -> None:
         """`NAME.tmp-PID` files of dead processes (and of this one: it calls this when failing)."""
         for stale in sorted(directory.glob(f"*{_TMP}*")):
             pid = stale.name.rpartition(_TMP)[2]
-            if not pid.isdigit() or (int(pid) != os.getpid() and alive(int(pid))):
+            if not pid.isdigit() or (int(pid) != os.getpid() and process_alive(int(pid))):
                 continue  # not one of ours, or a live process's
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
