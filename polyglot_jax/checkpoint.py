@@ -343,18 +343,27 @@ def restore_params(path: str | pathlib.Path, abstract_params: Any) -> tuple[Any,
     raise InputError(f"no readable checkpoint under {path}")
 
 
-def load_params(workdir: str | pathlib.Path, step: int | None, cfg: Any) -> Any:
-    """The params of `workdir`'s checkpoint `step` (latest when None), whole, on the first device;
-    `cfg` is the run's `ModelConfig`."""
+def load_params(
+    workdir: str | pathlib.Path, step: int | None, cfg: Any, shardings: Any = None
+) -> Any:
+    """The params of `workdir`'s checkpoint `step` (latest when None); `cfg` is the run's
+    `ModelConfig`. Restored straight into `shardings` (a tree like the params, e.g. from
+    `partitioning.logical_shardings`), or whole on the first device when None."""
     import flax.linen as nn
 
     from polyglot_jax.model import abstract_params
 
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype, sharding=device),
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.value.shape, x.value.dtype),
         abstract_params(cfg),
         is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    if shardings is None:
+        shardings = jax.tree.map(
+            lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes
+        )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
     if step is None:  # the latest readable one: a damaged newest step falls back, with a warning
         step_directory(workdir, None)  # one clear error when there is none

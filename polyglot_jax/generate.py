@@ -1,112 +1,362 @@
-"""Text generation from a run's checkpoint or a Hugging Face directory (greedy or sampled).
+"""Batched generation with a KV cache: prompts (lists of ids) -> new ids and their log-probabilities.
 
-Decoding recomputes the whole (fixed-size, padded) window for every new token: one compiled
-function for all steps, exact, and fast enough for the small models and short samples it serves
-(the demo, smoke checks of converted checkpoints). There is no KV cache yet.
+    gen = Generator(params, cfg, mesh=mesh, rules=rules)        # params from generate_weights.py
+    [[Completion(ids, logprobs, finish)], ...] = gen.generate(prompts, Sampling(max_new_tokens=64))
+
+One compiled function per (rows, prompt bucket, max_new_tokens): prefill of the left-padded
+prompts with the configured attention, then a `lax.while_loop` of one-token steps that ends when
+every row has finished. Prompt lengths are bucketed to powers of two (at least 16) and rows to
+powers of two, so a stream of mixed prompts compiles a few times only; the sampling knobs are traced
+values, so changing them recompiles nothing.
+
+Logits processors follow Hugging Face's `generate` in its order: repetition penalty, then
+min_new_tokens (eos forbidden), and, when sampling, temperature, top-k, top-p. Greedy takes the
+argmax of the processed logits (HF ignores temperature/top-k/top-p without sampling). The reported
+log-probabilities are the model's own (float32 log-softmax of the raw logits), which is what
+scoring and evaluation need. Each row draws from its own key, fold_in(seed, prompt, sample), so
+samples do not depend on the batch size or on which prompts share a batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-from typing import Any
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
-from polyglot_jax.errors import InputError
-from polyglot_jax.model import GPTNeoX, ModelConfig
+from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.kv_cache import init_cache
+from polyglot_jax.model import DTYPES, GPTNeoX, ModelConfig, lm_head, lm_head_kernel
+
+MIN_PROMPT_BUCKET = 16
+FINISH = ("length", "eos", "stop")  # finish reasons, by code
 
 
-def generate(
-    params: Any,
-    cfg: ModelConfig,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    seed: int = 0,
-    eos_id: int | None = None,
-) -> tuple[list[int], list[float]]:
-    """Continues `prompt_ids`; stops at `eos_id` (included) or after `max_new_tokens`.
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to continue a prompt; defaults change nothing (HF's neutral values)."""
 
-    Returns (new ids, their log-probabilities under the model's float32 softmax).
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0  # eos is forbidden before this many new tokens
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the row
+    num_samples: int = 1  # completions per prompt
+    seed: int = 0
+    eos_id: int | None = None  # included in the output when generated
+    stop: tuple[tuple[int, ...], ...] = ()  # id sequences that end a row (included)
+
+    def check(self, vocab_size: int) -> None:
+        """One ConfigError naming the first bad field."""
+        from polyglot_jax.config import SEED_LIMIT
+
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                bound = "a positive int" if low == 1 else f"an int >= {low}"
+                raise ConfigError(f"{name}={value!r} must be {bound}")
+
+        integer("max_new_tokens", 1)
+        integer("min_new_tokens", 0)
+        integer("top_k", 0)
+        integer("num_samples", 1)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
+            )
+        # `not x > 0` also refuses NaN; inf would be a uniform draw that no one means.
+        if not self.greedy and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature={self.temperature} must be a positive finite number")
+        if not 0 < self.top_p <= 1:  # NaN fails too
+            raise ConfigError(f"top_p={self.top_p} must be within (0, 1]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ConfigError(
+                f"repetition_penalty={self.repetition_penalty} must be a positive finite number"
+            )
+        if not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+            raise ConfigError(f"seed={self.seed} must be an int within [0, 2**32)")
+        if self.eos_id is not None and not 0 <= self.eos_id < vocab_size:
+            raise ConfigError(f"eos_id={self.eos_id} is outside the vocabulary [0, {vocab_size})")
+        for seq in self.stop:
+            if not seq or any(not 0 <= t < vocab_size for t in seq):
+                raise ConfigError(
+                    f"stop sequence {list(seq)} must be non-empty ids in the vocabulary"
+                )
+
+
+class Knobs(NamedTuple):
+    """The sampling settings as traced scalars (changing them does not recompile)."""
+
+    greedy: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    min_new_tokens: jax.Array
+    eos_id: jax.Array  # -1: none
+
+    @classmethod
+    def of(cls, s: Sampling) -> Knobs:
+        return cls(
+            jnp.bool_(s.greedy),
+            jnp.float32(1.0 if s.greedy else s.temperature),
+            jnp.int32(s.top_k),
+            jnp.float32(s.top_p),
+            jnp.float32(s.repetition_penalty),
+            jnp.int32(s.min_new_tokens),
+            jnp.int32(-1 if s.eos_id is None else s.eos_id),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    ids: list[int]
+    logprobs: list[float]
+    finish: str  # "eos", "stop" or "length"
+
+
+def process_logits(
+    logits: jax.Array, seen: jax.Array, generated: jax.Array, knobs: Knobs
+) -> jax.Array:
+    """HF's logits processors, in HF's order. logits float32 [rows, vocab]; seen bool [rows, vocab]
+    (tokens of the prompt and of the continuation so far); generated: new tokens so far."""
+    neg_inf = -jnp.inf
+    penalty = knobs.repetition_penalty
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    logits = jnp.where(seen, penalised, logits)
+    vocab = jnp.arange(logits.shape[-1])
+    early = (generated < knobs.min_new_tokens) & (vocab == knobs.eos_id)
+    logits = jnp.where(early[None, :], neg_inf, logits)
+    warped = logits / knobs.temperature
+    # top-k and top-p as value thresholds on one ascending sort, which keeps ties at a threshold
+    # (HF's top-k does too) and needs no scatter back to vocabulary order.
+    vocab_size = logits.shape[-1]
+    ascending = jnp.sort(warped, axis=-1)
+    k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, vocab_size), vocab_size)
+    kth = jax.lax.dynamic_index_in_dim(ascending, vocab_size - k, axis=-1, keepdims=True)
+    warped = jnp.where(warped < kth, neg_inf, warped)
+    ascending = jnp.where(ascending < kth, neg_inf, ascending)
+    # HF's top-p: drop the tokens whose ascending cumulative probability is <= 1 - top_p (a
+    # prefix), always keeping the most likely one.
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    dropped = jnp.minimum(jnp.sum(cumulative <= 1.0 - knobs.top_p, -1), vocab_size - 1)
+    pth = jnp.take_along_axis(ascending, dropped[:, None], axis=-1)
+    warped = jnp.where(warped < pth, neg_inf, warped)
+    return jnp.where(knobs.greedy, logits, warped)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+class Generator:
+    """Decodes batches of prompts; parameters stay where they are (sharded or not).
+
+    `params` is a tree for `cfg` (scanned layers are unstacked once here); `mesh` and `rules`
+    (config.mesh.rules) place rows over the batch axes and the cache's heads over `model`.
     """
-    if not prompt_ids:
-        raise InputError("the prompt is empty: give --prompt or --prompt_ids")
-    bad = [i for i in prompt_ids if not 0 <= i < cfg.vocab_size]
-    if bad:
-        raise InputError(
-            f"prompt id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
+
+    def __init__(
+        self,
+        params: Any,
+        cfg: ModelConfig,
+        *,
+        mesh: Mesh | None = None,
+        rules: Sequence[tuple[str, Any]] = (),
+        batch_size: int = 16,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be a positive int")
+        if "layers" in params:
+            from polyglot_jax.generate_weights import unstack_layers
+
+            params = unstack_layers(params, cfg.num_layers)
+        self.params = params
+        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+        if mesh is None:  # one device, nothing to shard
+            mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
+        self.mesh, self.rules = mesh, tuple(rules)
+        axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0] if self.rules else None
+        axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        self.row_sharding = NamedSharding(mesh, PartitionSpec(axes or None))
+        self.row_multiple = math.prod(mesh.shape[a] for a in axes)  # rows divide over these
+        self.batch_size = -(-batch_size // self.row_multiple) * self.row_multiple
+
+    # ------------------------------------------------------------ the API
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, *, progress: bool = False
+    ) -> list[list[Completion]]:
+        """`sampling.num_samples` completions for each prompt, in prompt order."""
+        sampling.check(self.cfg.vocab_size)
+        prompts = [self._checked(i, p, sampling.max_new_tokens) for i, p in enumerate(prompts)]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.num_samples)]
+        # Longest first, so that a batch holds prompts of similar length (one bucket).
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        out: dict[tuple[int, int], Completion] = {}
+        knobs = Knobs.of(sampling)
+        root = jax.random.key(sampling.seed)
+        stops = tuple(tuple(s) for s in sampling.stop)
+        chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        with (
+            jax.set_mesh(self.mesh),
+            nn.logical_axis_rules(self.rules),
+            tqdm(
+                total=len(rows), desc="generate", unit="row", disable=None if progress else True
+            ) as bar,
+        ):
+            for chunk in chunks:
+                out.update(self._run_chunk(chunk, prompts, sampling, knobs, root, stops))
+                bar.update(len(chunk))
+        return [[out[(i, j)] for j in range(sampling.num_samples)] for i in range(len(prompts))]
+
+    def _checked(self, index: int, prompt: Sequence[int], max_new: int) -> list[int]:
+        prompt = [int(t) for t in prompt]
+        where = f"prompt {index}"
+        if not prompt:
+            raise InputError(f"{where} is empty")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InputError(
+                f"{where}: id {bad[0]} is outside the model's vocabulary [0, {self.cfg.vocab_size})"
+            )
+        if len(prompt) + max_new > self.cfg.max_len:
+            raise InputError(
+                f"{where} ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the "
+                f"model's max_len {self.cfg.max_len}"
+            )
+        return prompt
+
+    def _run_chunk(self, chunk, prompts, sampling, knobs, root, stops):
+        longest = max(len(prompts[i]) for i, _ in chunk)
+        prompt_len = bucket(longest, MIN_PROMPT_BUCKET)
+        n = bucket(len(chunk))
+        n = min(-(-n // self.row_multiple) * self.row_multiple, self.batch_size)
+        tokens = np.zeros((n, prompt_len), np.int32)
+        start = np.full(n, prompt_len - 1, np.int32)
+        active = np.zeros(n, bool)
+        for r, (i, _) in enumerate(chunk):
+            p = prompts[i]
+            tokens[r, prompt_len - len(p) :] = p
+            start[r] = prompt_len - len(p)
+            active[r] = True
+        keys = [jax.random.fold_in(jax.random.fold_in(root, i), j) for i, j in chunk]
+        keys += [root] * (n - len(chunk))
+        fn = decode_loop(self.cfg, self.row_sharding, n, prompt_len, sampling.max_new_tokens, stops)
+        ids, logprobs, finish, lengths = jax.device_get(
+            fn(
+                self.params,
+                tokens,
+                start,
+                active,
+                jax.device_put(jnp.stack(keys), self.row_sharding),
+                knobs,
+            )
         )
-    window = cfg.max_len
-    if len(prompt_ids) + max_new_tokens > window:
-        raise InputError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model's max_len {window}"
+        return {
+            key: Completion(
+                ids=ids[r, : lengths[r]].tolist(),
+                logprobs=logprobs[r, : lengths[r]].tolist(),
+                finish=FINISH[int(finish[r])],
+            )
+            for r, key in enumerate(chunk)
+        }
+
+
+@functools.lru_cache(maxsize=32)
+def decode_loop(
+    cfg: ModelConfig, row: NamedSharding, rows: int, prompt_len: int, max_new: int, stops: tuple
+):
+    """The jitted prefill + decode loop for `rows` prompts left padded to `prompt_len` columns.
+
+    Shared by every Generator of the same model config and mesh (a key of this cache), so that
+    building several Generators, as evaluation does, compiles nothing twice.
+    """
+    model = GPTNeoX(cfg)
+    stop_len = max((len(s) for s in stops), default=1)
+    # Right-aligned stop sequences, -1 = "any token" on the left of shorter ones.
+    stop_table = np.full((max(len(stops), 1), stop_len), -1, np.int32)
+    for i, s in enumerate(stops):
+        stop_table[i, stop_len - len(s) :] = s
+    stop_table = jnp.asarray(stop_table)
+    has_stops = bool(stops)
+
+    def logits_of(params, hidden):
+        return lm_head(hidden[:, -1:], lm_head_kernel(params), jnp.float32)[:, 0]
+
+    def run(params, tokens, start, active, row_keys, knobs: Knobs):
+        cache = init_cache(
+            cfg.num_layers, start, prompt_len + max_new, cfg.num_heads, cfg.head_dim,
+            DTYPES[cfg.dtype],
+        )  # fmt: skip
+        hidden, cache = model.apply({"params": params}, tokens, cache=cache, return_hidden=True)
+        columns = jnp.arange(prompt_len)[None, :]
+        rows_ix = jnp.arange(rows)[:, None]
+        seen = jnp.zeros((rows, cfg.vocab_size), bool)
+        seen = seen.at[rows_ix, tokens].max(columns >= start[:, None])
+        state = dict(
+            step=jnp.int32(0),
+            cache=cache,
+            logits=logits_of(params, hidden),
+            seen=seen,
+            ids=jnp.zeros((rows, max_new), jnp.int32),
+            logprobs=jnp.zeros((rows, max_new), jnp.float32),
+            tail=jnp.full((rows, stop_len), -2, jnp.int32),
+            finish=jnp.zeros(rows, jnp.int32),
+            length=jnp.zeros(rows, jnp.int32),
+            done=~active,
         )
-    model = GPTNeoX(dataclasses.replace(cfg, attention_impl="xla"))
 
-    @jax.jit
-    def next_token(params, tokens, length, key):
-        logits = model.apply({"params": params}, tokens[None])[0, length - 1].astype(jnp.float32)
-        logprobs = jax.nn.log_softmax(logits)
-        if greedy:
-            token = jnp.argmax(logits)
-        else:
-            token = jax.random.categorical(key, logits / temperature)
-        return token, logprobs[token]
+        def cond(s):
+            return (s["step"] < max_new) & ~jnp.all(s["done"])
 
-    tokens = np.zeros(window, np.int32)
-    tokens[: len(prompt_ids)] = prompt_ids
-    length = len(prompt_ids)
-    key = jax.random.key(seed)
-    ids, logprobs = [], []
-    for _ in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        token, logprob = jax.device_get(next_token(params, jnp.asarray(tokens), length, sub))
-        ids.append(int(token))
-        logprobs.append(float(logprob))
-        tokens[length] = token
-        length += 1
-        if eos_id is not None and int(token) == eos_id:
-            break
-    return ids, logprobs
+        def body(s):
+            step, logits = s["step"], s["logits"]
+            scores = process_logits(logits, s["seen"], step, knobs)
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+            drawn = jax.vmap(jax.random.categorical)(keys, scores)
+            token = jnp.where(knobs.greedy, jnp.argmax(scores, -1), drawn).astype(jnp.int32)
+            token = jnp.where(s["done"], 0, token)
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)
+            live = ~s["done"]
+            ids = s["ids"].at[:, step].set(jnp.where(live, token, 0))
+            logprobs = s["logprobs"].at[:, step].set(jnp.where(live, logprob[:, 0], 0.0))
+            tail = jnp.concatenate([s["tail"][:, 1:], token[:, None]], axis=1)
+            eos = live & (token == knobs.eos_id)
+            stop = jnp.zeros_like(eos)
+            if has_stops:
+                match = (tail[:, None, :] == stop_table[None]) | (stop_table[None] < 0)
+                stop = live & ~eos & jnp.any(jnp.all(match, -1), -1)
+            finish = jnp.where(eos, 1, jnp.where(stop, 2, s["finish"]))
+            seen = s["seen"].at[jnp.arange(rows), token].max(live)
+            hidden, cache = model.apply(
+                {"params": params}, token[:, None], cache=s["cache"], return_hidden=True
+            )
+            return dict(
+                step=step + 1,
+                cache=cache,
+                logits=logits_of(params, hidden),
+                seen=seen,
+                ids=ids,
+                logprobs=logprobs,
+                tail=tail,
+                finish=finish,
+                length=s["length"] + live,
+                done=s["done"] | eos | stop,
+            )
 
+        s = jax.lax.while_loop(cond, body, state)
+        return s["ids"], s["logprobs"], s["finish"], s["length"]
 
-def load_tokenizer_dir(path: pathlib.Path | None):
-    """A `transformers` tokenizer from a directory, or None when no tokenizer is known."""
-    if path is None:
-        return None
-    from polyglot_jax.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None):
-    """(model config, params, tokenizer dir or None) of a run's checkpoint (latest by default)."""
-    from polyglot_jax.checkpoint import load_params
-    from polyglot_jax.workdir import load_run_config, run_tokenizer
-
-    config = load_run_config(workdir)
-    cfg = ModelConfig.from_config(config.model)
-    return cfg, load_params(workdir, step, cfg), run_tokenizer(config, pathlib.Path(workdir))
-
-
-def load_from_hf(hf_dir: str | pathlib.Path):
-    """(model config, params, tokenizer dir or None) of a Hugging Face GPT-NeoX directory."""
-    from polyglot_jax.hf import mapping
-    from polyglot_jax.hf.files import HFWeights, read_hf_config
-
-    hf_dir = pathlib.Path(hf_dir)
-    cfg = ModelConfig(**mapping.from_hf_config(read_hf_config(hf_dir)), dtype="float32")
-    weights = HFWeights(hf_dir)
-    try:
-        state = {key: weights.get(key).astype(np.float32) for key in weights.keys()}
-    finally:
-        weights.close()
-    params = mapping.from_hf_state_dict(state, cfg)
-    tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
-    return cfg, params, tokenizer
+    return jax.jit(run, in_shardings=(None, row, row, row, row, None))

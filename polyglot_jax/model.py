@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from polyglot_jax.attention import ATTENTION_IMPLS, attend
 from polyglot_jax.errors import ConfigError
+from polyglot_jax.kv_cache import KVCache, advance, cached_attention, positions_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -178,7 +179,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache: KVCache | None = None, layer: int = 0):
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
         h, dh, d = cfg.num_heads, cfg.head_dim, cfg.d_model
         qkv_w = _param(
@@ -197,21 +198,20 @@ class Attention(nn.Module):
             nn.with_logical_constraint(qkv[:, :, :, i], ("batch", "length", "heads", "kv"))
             for i in range(3)
         )
-        out = attend(
-            q,
-            k,
-            v,
-            positions=positions,
-            segment_ids=segment_ids,
-            rotary_dim=cfg.rotary_dim,
-            rope_base=cfg.rope_base,
-            impl=cfg.attention_impl,
-        )
+        rope = {
+            "rotary_dim": cfg.rotary_dim,
+            "rope_base": cfg.rope_base,
+            "impl": cfg.attention_impl,
+        }
+        if cache is None:
+            out = attend(q, k, v, positions=positions, segment_ids=segment_ids, **rope)
+        else:
+            out, cache = cached_attention(q, k, v, cache, layer, **rope)
         out_w = _param(
             self, "dense_kernel", _init(_wang_std(cfg)), (h, dh, d), ("heads", "kv", "embed"), cfg
         )
         out_b = _param(self, "dense_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
-        return jnp.einsum("bthd,hde->bte", out, out_w.astype(dtype)) + out_b.astype(dtype)
+        return jnp.einsum("bthd,hde->bte", out, out_w.astype(dtype)) + out_b.astype(dtype), cache
 
 
 class MLP(nn.Module):
@@ -250,19 +250,20 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One parallel-residual layer: x + attention(ln1(x)) + mlp(ln2(x)).
 
-    Signature fits `nn.scan`: (carry, *broadcast) -> (carry, None).
+    Signature fits `nn.scan`: (carry, *broadcast) -> (carry, None); when decoding, the second
+    output is the KV cache with this layer's columns written.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        attn = Attention(self.cfg, name="attention")(
-            LayerNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids
+    def __call__(self, x, positions, segment_ids, cache: KVCache | None = None, layer: int = 0):
+        attn, cache = Attention(self.cfg, name="attention")(
+            LayerNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids, cache, layer
         )
         mlp = MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="post_attention_layernorm")(x))
         x = x + attn + mlp
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
 class GPTNeoX(nn.Module):
@@ -271,13 +272,29 @@ class GPTNeoX(nn.Module):
     __call__(tokens int32 [batch, seq], positions=None, segment_ids=None) -> logits [batch, seq, vocab]
     in the compute dtype; with `return_hidden=True` the final-LayerNorm output [batch, seq, d_model]
     instead (the loss applies `lm_head` to it in chunks, without full logits).
+
+    Decoding: with `cache` (a `kv_cache.KVCache`; needs `scan_layers=False`, see
+    `generate.unstack_layers`) the tokens fill the next columns of the cache (a whole left-padded
+    prompt into an empty cache, or one token per row), positions come from the cache, and the
+    result is (logits or hidden, the advanced cache).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        return_hidden: bool = False,
+        cache: KVCache | None = None,
+    ):
         cfg, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        if cache is not None:
+            if cfg.scan_layers:
+                raise ConfigError("decoding with a KV cache needs config.model.scan_layers=False")
+            positions = positions_of(cache, tokens.shape[1])
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         embed = _param(
@@ -292,7 +309,7 @@ class GPTNeoX(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         block = Block
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none" and cache is None:
             block = nn.remat(
                 Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
             )
@@ -308,11 +325,18 @@ class GPTNeoX(nn.Module):
             x, _ = layers(cfg, name="layers")(x, positions, segment_ids)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+                x, cache = block(cfg, name=f"layers_{i}")(x, positions, segment_ids, cache, i)
 
         x = LayerNorm(cfg, name="final_layer_norm")(x)
+        if cache is not None:
+            cache = advance(cache, tokens.shape[1])
+            return (x if return_hidden else self._logits(x)), cache
         if return_hidden:
             return x
+        return self._logits(x)
+
+    def _logits(self, x):
+        cfg = self.cfg
         out = _param(
             self,
             "embed_out",

@@ -1,80 +1,201 @@
-"""Continue a prompt with a trained run (--workdir) or a Hugging Face directory (--hf)."""
+"""Continue prompts with a trained run (--workdir) or a Hugging Face directory (--hf).
+
+    polyglot-jax generate --hf=DIR --prompt="..." [--prompt="..."] [--max_new_tokens=64]
+        [--greedy | --temperature=0.8 --top_k=50 --top_p=0.95] [--repetition_penalty=1.1]
+        [--num_samples=4] [--stop=TEXT] [--dtype=bfloat16] [--batch_size=16] [--json]
+        [--config.mesh.model=2]      # tensor parallelism; rows go over the data axes
+
+Prompts come from --prompt (repeatable), --prompt_ids=1,2,3 or --prompts_file (jsonl: one object
+per line with `prompt` text or `prompt_ids`). With --json, one line per prompt in input order:
+{"ids", "logprobs", "text", "finish"} (and "samples", a list of such objects, when
+--num_samples > 1). The mesh is `--config.mesh.*` (default: data parallel over every device).
+"""
 
 from __future__ import annotations
 
 import json
-import math
+import pathlib
 
 from absl import flags
+from ml_collections import config_flags
 
-from polyglot_jax.errors import ConfigError
+from polyglot_jax.config import base_config
+from polyglot_jax.errors import ConfigError, InputError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face GPT-NeoX directory (instead of --workdir).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (needs the model's tokenizer).")
-_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as token ids, e.g. 1,2,3.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeatable; needs a tokenizer).")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "One prompt as token ids, e.g. 1,2,3.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, 'jsonl of prompts: {"prompt": "text"} or {"prompt_ids": [1, 2]} a line.'
+)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
+_MIN_NEW = flags.DEFINE_integer("min_new_tokens", 0, "No eos before this many new tokens.")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Take the most likely token (else sample).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of mass >= top_p.")
+_REPETITION = flags.DEFINE_float(
+    "repetition_penalty", 1.0, "HF's penalty on tokens already present (1: none)."
+)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+_STOP = flags.DEFINE_multi_string("stop", None, "Text that ends a completion (repeatable).")
+_EOS_ID = flags.DEFINE_integer(
+    "eos_id", None, "End-of-text id (default: the tokenizer's; -1: none)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_JSON = flags.DEFINE_bool("json", False, 'Print {"ids", "logprobs", "text"} as one JSON object.')
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "Compute and weight dtype (default: the checkpoint's for --hf, the run's compute dtype for "
+    "--workdir).",
+)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
+_CONFIG = config_flags.DEFINE_config_dict(
+    "config", base_config().lock(), "Only config.mesh is used: --config.mesh.model=2 etc."
+)
 
 
-def _check_numbers() -> None:
-    """The numeric flags, before any model is loaded; one ConfigError naming the flag."""
-    from polyglot_jax.config import SEED_LIMIT  # here: importing jax would slow --help
+def _sampling(eos_id: int | None, stop: tuple[tuple[int, ...], ...] = ()):
+    from polyglot_jax.generate import Sampling
 
-    if _MAX_NEW.value <= 0:
-        raise ConfigError(f"--max_new_tokens={_MAX_NEW.value} must be a positive int")
-    # isfinite refuses NaN, which `t <= 0` would let through, and inf (a uniform sample).
-    if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value > 0):
-        raise ConfigError(f"--temperature={_TEMPERATURE.value} must be a positive finite number")
+    return Sampling(
+        max_new_tokens=_MAX_NEW.value,
+        min_new_tokens=_MIN_NEW.value,
+        greedy=_GREEDY.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        repetition_penalty=_REPETITION.value,
+        num_samples=_NUM_SAMPLES.value,
+        seed=_SEED.value,
+        eos_id=eos_id,
+        stop=stop,
+    )
+
+
+def _check_flags() -> None:
+    """Every flag, before any model is loaded: one ConfigError naming the flag."""
+    if bool(_WORKDIR.value) == bool(_HF.value):
+        raise ConfigError("give exactly one of --workdir and --hf")
+    sources = [_PROMPT.value, _PROMPT_IDS.value, _PROMPTS_FILE.value]
+    if sum(s is not None for s in sources) != 1:
+        raise ConfigError("give exactly one of --prompt, --prompt_ids and --prompts_file")
     if _STEP.value is not None and _STEP.value < 0:
         raise ConfigError(f"--step={_STEP.value} must be an int >= 0")
     if _STEP.value is not None and _HF.value:
         raise ConfigError("--step selects a checkpoint of --workdir; --hf has none")
-    if not 0 <= _SEED.value < SEED_LIMIT:
-        raise ConfigError(f"--seed={_SEED.value} must be an int within [0, 2**32)")
+    if _BATCH.value < 1:
+        raise ConfigError(f"--batch_size={_BATCH.value} must be a positive int")
+    if _EOS_ID.value is not None and _EOS_ID.value < -1:
+        raise ConfigError(f"--eos_id={_EOS_ID.value} must be an id, or -1 for none")
+    try:
+        _sampling(None).check(vocab_size=2**31 - 1)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
+
+
+def _prompt_ids_flag() -> list[int]:
+    try:
+        return [int(i) for i in _PROMPT_IDS.value]
+    except ValueError:
+        raise ConfigError(f"--prompt_ids={','.join(_PROMPT_IDS.value)} must be integers") from None
+
+
+def _read_prompts_file(path: str) -> list[str | list[int]]:
+    """Each line's prompt: text, or a list of ids; InputError naming file:line."""
+    file = pathlib.Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"--prompts_file={path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason})") from None
+    prompts: list[str | list[int]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{path}:{n}: not a JSON object ({e})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("prompt_ids" in obj):
+            raise InputError(f'{path}:{n}: give exactly one of "prompt" and "prompt_ids"')
+        value = obj.get("prompt", obj.get("prompt_ids"))
+        if "prompt" in obj and not isinstance(value, str):
+            raise InputError(f'{path}:{n}: "prompt" must be a string')
+        if "prompt_ids" in obj and not (
+            isinstance(value, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        ):
+            raise InputError(f'{path}:{n}: "prompt_ids" must be a list of ints')
+        prompts.append(value)
+    if not prompts:
+        raise InputError(f"{path}: holds no prompts")
+    return prompts
+
+
+def _mesh():
+    """The mesh and rules of --config.mesh over this process's devices."""
+    import jax
+
+    from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
+
+    shape = resolve_mesh_shape(_CONFIG.value.mesh, jax.device_count())
+    return make_mesh(shape), rules_from_config(_CONFIG.value.mesh.rules)
 
 
 def main(argv: list[str]) -> None:
-    from polyglot_jax import generate
+    from polyglot_jax.generate import Generator
+    from polyglot_jax.generate_weights import load_from_hf, load_from_workdir, load_tokenizer_dir
 
-    if bool(_WORKDIR.value) == bool(_HF.value):
-        raise ConfigError("give exactly one of --workdir and --hf")
-    if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
-        raise ConfigError("give exactly one of --prompt and --prompt_ids")
-    _check_numbers()
+    _check_flags()
+    if _PROMPTS_FILE.value is not None:
+        prompts = _read_prompts_file(_PROMPTS_FILE.value)
+    elif _PROMPT_IDS.value is not None:
+        prompts = [_prompt_ids_flag()]
+    else:
+        prompts = list(_PROMPT.value)
+    mesh, rules = _mesh()
+    place = {"dtype": _DTYPE.value, "mesh": mesh, "rules": rules}
     if _WORKDIR.value:
-        cfg, params, tokenizer_dir = generate.load_from_workdir(_WORKDIR.value, _STEP.value)
+        cfg, params, tokenizer_dir = load_from_workdir(_WORKDIR.value, _STEP.value, **place)
     else:
-        cfg, params, tokenizer_dir = generate.load_from_hf(_HF.value)
-    tokenizer = generate.load_tokenizer_dir(tokenizer_dir)
-    if _PROMPT_IDS.value is not None:
-        try:
-            prompt_ids = [int(i) for i in _PROMPT_IDS.value]
-        except ValueError:
-            raise ConfigError(
-                f"--prompt_ids={','.join(_PROMPT_IDS.value)} must be integers"
-            ) from None
-    elif tokenizer is None:
-        raise ConfigError("this model has no known tokenizer: use --prompt_ids")
-    else:
-        prompt_ids = tokenizer.encode(_PROMPT.value)
-    ids, logprobs = generate.generate(
-        params,
-        cfg,
-        prompt_ids,
-        max_new_tokens=_MAX_NEW.value,
-        greedy=_GREEDY.value,
-        temperature=_TEMPERATURE.value,
-        seed=_SEED.value,
-        eos_id=None if tokenizer is None else tokenizer.eos_id,
-    )
-    text = None if tokenizer is None else tokenizer.tokenizer.decode(ids)
-    if _JSON.value:
-        print(json.dumps({"ids": ids, "logprobs": logprobs, "text": text}, ensure_ascii=False))
-    else:
-        prompt = _PROMPT.value if _PROMPT.value is not None else ",".join(map(str, prompt_ids))
-        print(f"{prompt}{text if text is not None else ' -> ' + ','.join(map(str, ids))}")
+        cfg, params, tokenizer_dir = load_from_hf(_HF.value, **place)
+    tokenizer = load_tokenizer_dir(tokenizer_dir)
+    if tokenizer is None and (any(isinstance(p, str) for p in prompts) or _STOP.value):
+        what = "--stop" if _STOP.value else "text prompts"
+        raise ConfigError(f"this model has no known tokenizer for {what}: use prompt ids")
+    ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    stop = tuple(tuple(tokenizer.encode(s)) for s in _STOP.value or ())
+    if any(not s for s in stop):
+        raise ConfigError("--stop must not be empty text")
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    if _EOS_ID.value is not None:
+        eos = None if _EOS_ID.value == -1 else _EOS_ID.value
+    sampling = _sampling(eos, stop)
+    try:
+        sampling.check(cfg.vocab_size)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
+    generator = Generator(params, cfg, mesh=mesh, rules=rules, batch_size=_BATCH.value)
+    results = generator.generate(ids, sampling, progress=True)
+    decode = (lambda x: None) if tokenizer is None else tokenizer.decode
+    for prompt, prompt_ids, samples in zip(prompts, ids, results, strict=True):
+        objs = [
+            {"ids": c.ids, "logprobs": c.logprobs, "text": decode(c.ids), "finish": c.finish}
+            for c in samples
+        ]
+        if _JSON.value:
+            line = dict(objs[0], **({"samples": objs} if len(objs) > 1 else {}))
+            print(json.dumps(line, ensure_ascii=False), flush=True)
+            continue
+        shown = prompt if isinstance(prompt, str) else ",".join(map(str, prompt_ids))
+        for obj in objs:
+            text = (
+                obj["text"] if obj["text"] is not None else " -> " + ",".join(map(str, obj["ids"]))
+            )
+            print(f"{shown}{text}", flush=True)

@@ -343,7 +343,7 @@ def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 # ---------------------------------------------------------------- HF -> orbax
 
 
-def _check_hf_tensors(
+def check_hf_tensors(
     weights: HFWeights, specs: list[mapping.TensorSpec], hf_dir: pathlib.Path
 ) -> dict[str, str]:
     """Canonical key -> stored key, after checking names and shapes (before anything is written)."""
@@ -412,7 +412,7 @@ def from_hf(
     check_output(out, [hf_dir], overwrite=overwrite)
     weights = HFWeights(hf_dir)
     specs = mapping.tensor_specs(cfg)
-    stored = _check_hf_tensors(weights, specs, hf_dir)
+    stored = check_hf_tensors(weights, specs, hf_dir)
     groups = _specs_by_path(cfg)
     arrays = {path: (_stored_shape(g), param_dtype) for path, g in groups.items()}
     stacked = {path for path, g in groups.items() if _stacked(g[0])}

@@ -1,0 +1,118 @@
+"""The key/value cache of incremental decoding: a left-padded batch of prompts is prefilled, then
+every step appends one token per row.
+
+    k, v   [layers, batch, max_len, heads, head_dim] in the compute dtype, keys after RoPE
+    start  int32 [batch]  the first real (non-pad) column of each row
+    index  int32 []       columns [0, index) are filled
+
+Rows are left padded so that every row writes the same column at each step (one in-place
+dynamic_update_slice for the whole batch). The token in column j of row b sits at position
+j - start[b], so RoPE sees each row's true positions whatever the padding. The logical axes
+(`CACHE_AXES`) let the config's rules shard heads over `model` and rows over the data axes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from polyglot_jax.attention import attend
+from polyglot_jax.rope import apply_rope
+
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(
+    num_layers: int, start: jax.Array, max_len: int, num_heads: int, head_dim: int, dtype
+) -> KVCache:
+    """An empty cache for `len(start)` rows whose prompts begin at columns `start` (int32 [batch])."""
+    shape = (num_layers, start.shape[0], max_len, num_heads, head_dim)
+    zeros = nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+    return KVCache(k=zeros, v=zeros, start=start.astype(jnp.int32), index=jnp.int32(0))
+
+
+def positions_of(cache: KVCache, length: int) -> jax.Array:
+    """int32 [batch, length]: the positions of the next `length` columns (0 on left padding)."""
+    columns = cache.index + jnp.arange(length, dtype=jnp.int32)
+    return jnp.maximum(columns[None, :] - cache.start[:, None], 0)
+
+
+def advance(cache: KVCache, length: int) -> KVCache:
+    """The cache after every layer has written `length` more columns."""
+    return cache.replace(index=cache.index + length)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """One query per row against the cached keys.
+
+    q [batch, 1, heads, head_dim] (rotated), k/v [batch, max_len, heads, head_dim], valid bool
+    [batch, max_len]. Written as multiply-and-sum rather than einsum: for a single query it is a
+    matrix-vector product anyway (memory bound), and this form reads the cache in place, where a
+    dot would first transpose it to [batch, heads, ...] on CPU. Float32 accumulation, like
+    `xla_attention`; returns [batch, 1, heads, head_dim] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1) * scale  # [b, s, h]
+    scores = jnp.where(valid[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=1)  # [b, h, d]
+    return out[:, None].astype(q.dtype)
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: KVCache,
+    layer: int,
+    *,
+    rotary_dim: int,
+    rope_base: float,
+    impl: str,
+) -> tuple[jax.Array, KVCache]:
+    """Attention for the `T` new columns at `cache.index`, writing their keys and values.
+
+    q, k, v: [batch, T, heads, head_dim], un-rotated. T > 1 is the prefill of an empty cache: the
+    prompt attends to itself with the configured implementation (left padding masked as segment
+    0; cudnn cannot mask segments, so it prefills with xla). T == 1 is a decode step over the
+    cache. Returns ([batch, T, heads, head_dim] in q's dtype, the cache with layer `layer` written).
+    """
+    length = q.shape[1]
+    pos = positions_of(cache, length)
+    k_rot = apply_rope(k, pos, rotary_dim, rope_base)
+    at = (layer, 0, cache.index, 0, 0)
+    cache = cache.replace(
+        k=jax.lax.dynamic_update_slice(cache.k, k_rot[None].astype(cache.k.dtype), at),
+        v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
+    )
+    columns = jnp.arange(cache.max_len, dtype=jnp.int32)
+    if length > 1:
+        segment_ids = (columns[None, :length] >= cache.start[:, None]).astype(jnp.int32)
+        out = attend(
+            q,
+            k,
+            v,
+            positions=pos,
+            segment_ids=segment_ids,
+            rotary_dim=rotary_dim,
+            rope_base=rope_base,
+            impl="xla" if impl == "cudnn" else impl,
+        )
+        return out, cache
+    valid = (columns[None, :] >= cache.start[:, None]) & (columns[None, :] <= cache.index)
+    q_rot = apply_rope(q, pos, rotary_dim, rope_base)
+    return decode_attention(q_rot, cache.k[layer], cache.v[layer], valid), cache
