@@ -29,12 +29,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kv_cache import init_cache
 from polyglot_jax.model import DTYPES, GPTNeoX, ModelConfig, lm_head, lm_head_kernel
+from polyglot_jax.partitioning import row_sharding
 
 MIN_PROMPT_BUCKET = 16
 FINISH = ("length", "eos", "stop")  # finish reasons, by code
@@ -187,10 +188,7 @@ class Generator:
         if mesh is None:  # one device, nothing to shard
             mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
         self.mesh, self.rules = mesh, tuple(rules)
-        axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0] if self.rules else None
-        axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-        self.row_sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-        self.row_multiple = math.prod(mesh.shape[a] for a in axes)  # rows divide over these
+        self.row_sharding, self.row_multiple = row_sharding(mesh, self.rules)
         self.batch_size = -(-batch_size // self.row_multiple) * self.row_multiple
 
     # ------------------------------------------------------------ the API

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from polyglot_jax.errors import ConfigError
 
@@ -130,3 +130,11 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the axes the rules give `batch`."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+def row_sharding(mesh: Mesh, rules) -> tuple[NamedSharding, int]:
+    """Sharding of a [rows, ...] input (rows over the axes the rules give `batch`) and the row
+    count multiple that divides evenly over those axes."""
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0] if rules else None
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return NamedSharding(mesh, PartitionSpec(axes or None)), math.prod(mesh.shape[a] for a in axes)

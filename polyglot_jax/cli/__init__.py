@@ -172,10 +172,20 @@ def main(argv: list[str] | None = None) -> None:
     table = subcommands()
     if sub not in table:
         _fail(sub, f"unknown subcommand {sub!r}; choose one of: {', '.join(table)}")
-    module = importlib.import_module(table[sub])
+    try:
+        module = importlib.import_module(table[sub])
+    except (KeyError, AttributeError) as e:
+        # A DEFINE_config_dict flag applies `--config.x.y=v` overrides while its module is
+        # imported: an unknown field fails there, not in the parse below.
+        if not any(a.startswith("--config.") for a in rest) or "--verbosity=1" in rest:
+            raise
+        _fail(sub, _one_line(e))
     if any(a in ("-h", "--help", "--helpshort") for a in rest):
         print(f"{PROG} {sub}: {(module.__doc__ or '').strip()}\n")
         print(flags.FLAGS.module_help(module.__name__))
+        shared = f"{__name__}._inputs"  # flags that generate and eval share
+        if shared in sys.modules and shared in flags.FLAGS.flags_by_module_dict():
+            print(flags.FLAGS.module_help(shared))
         return
     absl_logger = logging.get_absl_logger()
     absl_logger.addFilter(_not_none_warning)

@@ -14,17 +14,12 @@ per line with `prompt` text or `prompt_ids`). With --json, one line per prompt i
 from __future__ import annotations
 
 import json
-import pathlib
 
 from absl import flags
-from ml_collections import config_flags
 
-from polyglot_jax.config import base_config
-from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.cli import _inputs as inputs
+from polyglot_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint, or --step).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-_HF = flags.DEFINE_string("hf", None, "Hugging Face GPT-NeoX directory (instead of --workdir).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeatable; needs a tokenizer).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "One prompt as token ids, e.g. 1,2,3.")
 _PROMPTS_FILE = flags.DEFINE_string(
@@ -46,17 +41,7 @@ _EOS_ID = flags.DEFINE_integer(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
-_DTYPE = flags.DEFINE_enum(
-    "dtype",
-    None,
-    ["float32", "bfloat16", "float16"],
-    "Compute and weight dtype (default: the checkpoint's for --hf, the run's compute dtype for "
-    "--workdir).",
-)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per prompt.")
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config", base_config().lock(), "Only config.mesh is used: --config.mesh.model=2 etc."
-)
 
 
 def _sampling(eos_id: int | None, stop: tuple[tuple[int, ...], ...] = ()):
@@ -79,15 +64,10 @@ def _sampling(eos_id: int | None, stop: tuple[tuple[int, ...], ...] = ()):
 
 def _check_flags() -> None:
     """Every flag, before any model is loaded: one ConfigError naming the flag."""
-    if bool(_WORKDIR.value) == bool(_HF.value):
-        raise ConfigError("give exactly one of --workdir and --hf")
+    inputs.check()
     sources = [_PROMPT.value, _PROMPT_IDS.value, _PROMPTS_FILE.value]
     if sum(s is not None for s in sources) != 1:
         raise ConfigError("give exactly one of --prompt, --prompt_ids and --prompts_file")
-    if _STEP.value is not None and _STEP.value < 0:
-        raise ConfigError(f"--step={_STEP.value} must be an int >= 0")
-    if _STEP.value is not None and _HF.value:
-        raise ConfigError("--step selects a checkpoint of --workdir; --hf has none")
     if _BATCH.value < 1:
         raise ConfigError(f"--batch_size={_BATCH.value} must be a positive int")
     if _EOS_ID.value is not None and _EOS_ID.value < -1:
@@ -105,67 +85,17 @@ def _prompt_ids_flag() -> list[int]:
         raise ConfigError(f"--prompt_ids={','.join(_PROMPT_IDS.value)} must be integers") from None
 
 
-def _read_prompts_file(path: str) -> list[str | list[int]]:
-    """Each line's prompt: text, or a list of ids; InputError naming file:line."""
-    file = pathlib.Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"--prompts_file={path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason})") from None
-    prompts: list[str | list[int]] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{path}:{n}: not a JSON object ({e})") from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("prompt_ids" in obj):
-            raise InputError(f'{path}:{n}: give exactly one of "prompt" and "prompt_ids"')
-        value = obj.get("prompt", obj.get("prompt_ids"))
-        if "prompt" in obj and not isinstance(value, str):
-            raise InputError(f'{path}:{n}: "prompt" must be a string')
-        if "prompt_ids" in obj and not (
-            isinstance(value, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-        ):
-            raise InputError(f'{path}:{n}: "prompt_ids" must be a list of ints')
-        prompts.append(value)
-    if not prompts:
-        raise InputError(f"{path}: holds no prompts")
-    return prompts
-
-
-def _mesh():
-    """The mesh and rules of --config.mesh over this process's devices."""
-    import jax
-
-    from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
-
-    shape = resolve_mesh_shape(_CONFIG.value.mesh, jax.device_count())
-    return make_mesh(shape), rules_from_config(_CONFIG.value.mesh.rules)
-
-
 def main(argv: list[str]) -> None:
     from polyglot_jax.generate import Generator
-    from polyglot_jax.generate_weights import load_from_hf, load_from_workdir, load_tokenizer_dir
 
     _check_flags()
     if _PROMPTS_FILE.value is not None:
-        prompts = _read_prompts_file(_PROMPTS_FILE.value)
+        prompts = inputs.read_prompts_file(_PROMPTS_FILE.value)
     elif _PROMPT_IDS.value is not None:
         prompts = [_prompt_ids_flag()]
     else:
         prompts = list(_PROMPT.value)
-    mesh, rules = _mesh()
-    place = {"dtype": _DTYPE.value, "mesh": mesh, "rules": rules}
-    if _WORKDIR.value:
-        cfg, params, tokenizer_dir = load_from_workdir(_WORKDIR.value, _STEP.value, **place)
-    else:
-        cfg, params, tokenizer_dir = load_from_hf(_HF.value, **place)
-    tokenizer = load_tokenizer_dir(tokenizer_dir)
+    cfg, params, tokenizer, mesh, rules = inputs.load()
     if tokenizer is None and (any(isinstance(p, str) for p in prompts) or _STOP.value):
         what = "--stop" if _STOP.value else "text prompts"
         raise ConfigError(f"this model has no known tokenizer for {what}: use prompt ids")

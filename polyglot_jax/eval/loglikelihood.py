@@ -1,0 +1,134 @@
+"""Log-likelihood of continuations, as lm-evaluation-harness scores multiple-choice tasks.
+
+For a request (context ids, continuation ids) the model reads `(context + continuation)[:-1]`,
+left-truncated to its `max_len` (the harness's `[-(max_length + 1):][:-1]`), and the result is
+the summed float32 log-probability of the continuation's tokens and whether each of them is the
+argmax (`is_greedy`). Requests are sorted by length, right padded to power-of-two buckets (at least
+16), and batched under a token budget, so a whole task compiles once per bucket; rows are sharded
+over the mesh's batch axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.model import GPTNeoX, ModelConfig, lm_head, lm_head_kernel
+from polyglot_jax.partitioning import row_sharding
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=32)
+def score_fn(cfg: ModelConfig, row: NamedSharding):
+    """Jitted (params, tokens, targets, mask) -> (summed log-prob, all greedy) per row; tokens,
+    targets and mask are [rows, length] (mask 1 on the continuation's targets)."""
+    model = GPTNeoX(cfg)
+
+    def score(params, tokens, targets, mask):
+        hidden = model.apply({"params": params}, tokens, return_hidden=True)
+        logits = lm_head(hidden, lm_head_kernel(params), jnp.float32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+        greedy = jnp.argmax(logits, axis=-1) == targets
+        total = jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+        return total, jnp.all(greedy | ~mask, axis=-1)
+
+    return jax.jit(score, in_shardings=(None, row, row, row))
+
+
+class Scorer:
+    """Scores (context, continuation) id pairs with `params` of `cfg` (as generate_weights loads
+    them); `batch_tokens` bounds rows x bucket length per call (the float32 logits of one call
+    take batch_tokens x vocab x 4 bytes)."""
+
+    def __init__(
+        self,
+        params: Any,
+        cfg: ModelConfig,
+        *,
+        mesh: Mesh | None = None,
+        rules: Sequence[tuple[str, Any]] = (),
+        batch_tokens: int = 2048,
+    ):
+        if not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ConfigError(f"batch_tokens={batch_tokens!r} must be a positive int")
+        if mesh is None:
+            mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
+        self.params, self.cfg, self.mesh, self.rules = params, cfg, mesh, tuple(rules)
+        self.row_sharding, self.row_multiple = row_sharding(mesh, self.rules)
+        self.batch_tokens = batch_tokens
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, progress: bool = False
+    ) -> list[tuple[float, bool]]:
+        """(summed log-probability, is_greedy) of each continuation given its context."""
+        window = self.cfg.max_len
+        rows = []
+        for n, (context, continuation) in enumerate(requests):
+            if not continuation:
+                raise InputError(f"request {n}: the continuation is empty")
+            if not context:
+                raise InputError(f"request {n}: the context is empty (start it with eos)")
+            whole = [*context, *continuation]
+            bad = [t for t in whole if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise InputError(
+                    f"request {n}: id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
+            if len(continuation) > window:
+                raise InputError(
+                    f"request {n}: the continuation ({len(continuation)} tokens) is longer than "
+                    f"the model's max_len {window}"
+                )
+            whole = whole[-(window + 1) :]
+            rows.append((n, whole[:-1], whole[1:], len(continuation)))
+        rows.sort(key=lambda r: -len(r[1]))  # longest first: similar lengths share a bucket
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        with (
+            jax.set_mesh(self.mesh),
+            nn.logical_axis_rules(self.rules),
+            tqdm(total=len(rows), desc="score", unit="req", disable=None if progress else True) as bar,
+        ):
+            i = 0
+            while i < len(rows):
+                length = min(bucket(len(rows[i][1])), bucket(window))
+                per_call = max(1, self.batch_tokens // length)
+                per_call = max(self.row_multiple, per_call // self.row_multiple * self.row_multiple)
+                chunk = rows[i : i + per_call]
+                i += len(chunk)
+                for (n, *_), value in zip(chunk, self._score(chunk, length), strict=True):
+                    results[n] = value
+                bar.update(len(chunk))
+        return results
+
+    def _score(self, chunk, length: int) -> list[tuple[float, bool]]:
+        per_call = max(1, self.batch_tokens // length)
+        n = min(bucket(len(chunk), 1), max(per_call, len(chunk)))  # few shapes, within budget
+        n = -(-n // self.row_multiple) * self.row_multiple
+        tokens = np.zeros((n, length), np.int32)
+        targets = np.zeros((n, length), np.int32)
+        mask = np.zeros((n, length), bool)
+        for r, (_, inputs, outputs, cont) in enumerate(chunk):
+            tokens[r, : len(inputs)] = inputs
+            targets[r, : len(outputs)] = outputs
+            mask[r, len(outputs) - cont : len(outputs)] = True
+        total, greedy = jax.device_get(
+            score_fn(self.cfg, self.row_sharding)(self.params, tokens, targets, mask)
+        )
+        return [(float(total[r]), bool(greedy[r])) for r in range(len(chunk))]
+

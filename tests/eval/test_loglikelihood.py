@@ -1,0 +1,97 @@
+"""Continuation log-likelihoods against transformers on the same random weights: the summed
+float64 log-softmax of the continuation's tokens after the harness's left truncation, and whether
+each is the argmax; one device against a sharded mesh."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hf_reference import random_hf_model
+
+from polyglot_jax.errors import InputError
+from polyglot_jax.eval.loglikelihood import Scorer
+from polyglot_jax.generate_weights import load_from_hf
+from polyglot_jax.model import ModelConfig
+from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
+
+CFG = ModelConfig(
+    vocab_size=128, num_layers=2, d_model=64, d_ff=128, num_heads=4, rotary_dim=8, max_len=48
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    hf = random_hf_model(CFG, seed=2, std=0.5)
+    hf.save_pretrained(directory)
+    return directory, hf
+
+
+def _requests():
+    rng = np.random.default_rng(0)
+    out = []
+    for ctx, cont in [(1, 1), (5, 3), (20, 7), (40, 12), (3, 48), (70, 5), (1, 30)]:
+        out.append((rng.integers(0, 128, ctx).tolist(), rng.integers(0, 128, cont).tolist()))
+    # A continuation the model is sure of: the greedy continuation itself.
+    return out
+
+
+def _reference(hf, context, continuation, window=CFG.max_len):
+    whole = (context + continuation)[-(window + 1) :]
+    inputs, targets = whole[:-1], whole[1:]
+    with torch.no_grad():
+        logits = hf(torch.tensor([inputs])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)[-len(continuation) :]
+    picked = logprobs[torch.arange(len(continuation)), torch.tensor(targets[-len(continuation) :])]
+    greedy = (
+        logits[-len(continuation) :].argmax(-1) == torch.tensor(targets[-len(continuation) :])
+    ).all()
+    return picked.sum().item(), bool(greedy)
+
+
+def test_loglikelihoods_match_transformers(model):
+    directory, hf = model
+    cfg, params, _ = load_from_hf(directory)
+    requests = _requests()
+    # One request made greedy: its continuation is transformers' own argmax continuation.
+    context = requests[1][0]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([context]), do_sample=False, max_new_tokens=4,
+                          pad_token_id=0, eos_token_id=None)  # fmt: skip
+    requests.append((context, out[0, len(context) :].tolist()))
+    got = Scorer(params, cfg, batch_tokens=128).loglikelihood(requests)
+    want = [_reference(hf, c, x) for c, x in requests]
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert got[-1][1] is True  # the premise: greedy is tested on a True case too
+
+
+def test_sharded_equals_one_device(model):
+    cfg, params, _ = load_from_hf(model[0])
+    requests = _requests()
+    one = Scorer(params, cfg).loglikelihood(requests)
+    from polyglot_jax.config import base_config
+
+    mesh_cfg = base_config().mesh
+    mesh_cfg.update(data=2, fsdp=2, model=2)
+    mesh = make_mesh(resolve_mesh_shape(mesh_cfg, jax.device_count()))
+    rules = rules_from_config(mesh_cfg.rules)
+    cfg_s, params_s, _ = load_from_hf(model[0], mesh=mesh, rules=rules)
+    sharded = Scorer(params_s, cfg_s, mesh=mesh, rules=rules, batch_tokens=64).loglikelihood(
+        requests
+    )
+    np.testing.assert_allclose([s[0] for s in sharded], [o[0] for o in one], atol=1e-4)
+    assert [s[1] for s in sharded] == [o[1] for o in one]
+
+
+def test_bad_requests(model):
+    cfg, params, _ = load_from_hf(model[0])
+    scorer = Scorer(params, cfg)
+    with pytest.raises(InputError, match="request 1: the continuation is empty"):
+        scorer.loglikelihood([([1], [2]), ([1], [])])
+    with pytest.raises(InputError, match="request 0: the context is empty"):
+        scorer.loglikelihood([([], [2])])
+    with pytest.raises(InputError, match=r"id 128 is outside the vocabulary \[0, 128\)"):
+        scorer.loglikelihood([([1], [128])])
+    with pytest.raises(InputError, match="longer than the model's max_len 48"):
+        scorer.loglikelihood([([1], [2] * 49)])
