@@ -122,9 +122,7 @@ def contexts(t: Task, docs: Sequence[dict], train: Sequence[dict], shots: int) -
     out = []
     for doc in docs:
         examples = rnd.sample(list(train), shots) if shots else []
-        prefix = "".join(
-            f"{t.text(ex)} {t.choices(ex)[ex['label']]}\n\n" for ex in examples
-        )
+        prefix = "".join(f"{t.text(ex)} {t.choices(ex)[ex['label']]}\n\n" for ex in examples)
         out.append(prefix + t.text(doc))
     return out
 
@@ -187,8 +185,6 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         "|---|" + "---:|" * len(shots),
     ]
     for name, per_task in results.items():
-        cells = [
-            f"{per_task[str(s)]['f1']:.4f}" if str(s) in per_task else "" for s in shots
-        ]
+        cells = [f"{per_task[str(s)]['f1']:.4f}" if str(s) in per_task else "" for s in shots]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

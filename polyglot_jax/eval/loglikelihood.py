@@ -102,7 +102,9 @@ class Scorer:
         with (
             jax.set_mesh(self.mesh),
             nn.logical_axis_rules(self.rules),
-            tqdm(total=len(rows), desc="score", unit="req", disable=None if progress else True) as bar,
+            tqdm(
+                total=len(rows), desc="score", unit="req", disable=None if progress else True
+            ) as bar,
         ):
             i = 0
             while i < len(rows):
@@ -131,4 +133,3 @@ class Scorer:
             score_fn(self.cfg, self.row_sharding)(self.params, tokens, targets, mask)
         )
         return [(float(total[r]), bool(greedy[r])) for r in range(len(chunk))]
-

@@ -1,9 +1,9 @@
 """Repetition metrics of generated token sequences: how the report's "broken generation" shows.
 
-    seq_rep(ids, n)     1 - |unique n-grams| / |n-grams| within one continuation (0 when none)
-    rep_w(ids, w)       share of tokens that already occur among the previous w tokens
-    distinct(seqs, n)   |unique n-grams| / |n-grams| over a set of continuations
-    longest_repeat(ids) length of the longest token span that occurs twice (overlap allowed)
+seq_rep(ids, n)     1 - |unique n-grams| / |n-grams| within one continuation (0 when none)
+rep_w(ids, w)       share of tokens that already occur among the previous w tokens
+distinct(seqs, n)   |unique n-grams| / |n-grams| over a set of continuations
+longest_repeat(ids) length of the longest token span that occurs twice (overlap allowed)
 """
 
 from __future__ import annotations
