@@ -138,10 +138,26 @@ def process_logits(
     vocab = jnp.arange(logits.shape[-1])
     early = (generated < knobs.min_new_tokens) & (vocab == knobs.eos_id)
     logits = jnp.where(early[None, :], neg_inf, logits)
-    warped = logits / knobs.temperature
-    # top-k and top-p as value thresholds on one ascending sort, which keeps ties at a threshold
-    # (HF's top-k does too) and needs no scatter back to vocabulary order.
-    vocab_size = logits.shape[-1]
+    untruncated = (knobs.top_k == 0) & (knobs.top_p >= 1.0)
+    # lax.cond runs one branch: greedy decoding and plain sampling skip the vocabulary sort,
+    # which costs more than a small model's whole forward step on CPU.
+    return jax.lax.cond(
+        knobs.greedy,
+        lambda: logits,
+        lambda: jax.lax.cond(
+            untruncated,
+            lambda: logits / knobs.temperature,
+            lambda: _truncated(logits / knobs.temperature, knobs),
+        ),
+    )
+
+
+def _truncated(warped: jax.Array, knobs: Knobs) -> jax.Array:
+    """HF's top-k then top-p on tempered logits [rows, vocab], as value thresholds on one
+    ascending sort: ties at a threshold are kept (HF's top-k keeps them too), and nothing has to
+    be scattered back to vocabulary order."""
+    neg_inf = -jnp.inf
+    vocab_size = warped.shape[-1]
     ascending = jnp.sort(warped, axis=-1)
     k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, vocab_size), vocab_size)
     kth = jax.lax.dynamic_index_in_dim(ascending, vocab_size - k, axis=-1, keepdims=True)
@@ -152,8 +168,7 @@ def process_logits(
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
     dropped = jnp.minimum(jnp.sum(cumulative <= 1.0 - knobs.top_p, -1), vocab_size - 1)
     pth = jnp.take_along_axis(ascending, dropped[:, None], axis=-1)
-    warped = jnp.where(warped < pth, neg_inf, warped)
-    return jnp.where(knobs.greedy, logits, warped)
+    return jnp.where(warped < pth, neg_inf, warped)
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -1,9 +1,13 @@
 """The key/value cache of incremental decoding: a left-padded batch of prompts is prefilled, then
 every step appends one token per row.
 
-    k, v   [layers, batch, max_len, heads, head_dim] in the compute dtype, keys after RoPE
+    k, v   layers x [batch, max_len, heads, head_dim] in the compute dtype, keys after RoPE
     start  int32 [batch]  the first real (non-pad) column of each row
     index  int32 []       columns [0, index) are filled
+
+The [layers, batch, max_len, heads, head_dim] cache is held as one buffer per layer: with a
+single stacked array, XLA:CPU copied the whole cache several times per step (one layer's update
+aliasing another's read); per-layer buffers are updated in place.
 
 Rows are left padded so that every row writes the same column at each step (one in-place
 dynamic_update_slice for the whole batch). The token in column j of row b sits at position
@@ -21,28 +25,34 @@ import jax.numpy as jnp
 from polyglot_jax.attention import attend
 from polyglot_jax.rope import apply_rope
 
-CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+CACHE_AXES = ("batch", "length", "heads", "kv")  # of each layer's k and v
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     start: jax.Array
     index: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
 
 def init_cache(
     num_layers: int, start: jax.Array, max_len: int, num_heads: int, head_dim: int, dtype
 ) -> KVCache:
     """An empty cache for `len(start)` rows whose prompts begin at columns `start` (int32 [batch])."""
-    shape = (num_layers, start.shape[0], max_len, num_heads, head_dim)
-    zeros = nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
-    return KVCache(k=zeros, v=zeros, start=start.astype(jnp.int32), index=jnp.int32(0))
+    shape = (start.shape[0], max_len, num_heads, head_dim)
+
+    def zeros():
+        return tuple(
+            nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+            for _ in range(num_layers)
+        )
+
+    return KVCache(k=zeros(), v=zeros(), start=start.astype(jnp.int32), index=jnp.int32(0))
 
 
 def positions_of(cache: KVCache, length: int) -> jax.Array:
@@ -94,11 +104,13 @@ def cached_attention(
     length = q.shape[1]
     pos = positions_of(cache, length)
     k_rot = apply_rope(k, pos, rotary_dim, rope_base)
-    at = (layer, 0, cache.index, 0, 0)
-    cache = cache.replace(
-        k=jax.lax.dynamic_update_slice(cache.k, k_rot[None].astype(cache.k.dtype), at),
-        v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
-    )
+    at = (0, cache.index, 0, 0)
+
+    def write(buffers, new):
+        row = jax.lax.dynamic_update_slice(buffers[layer], new.astype(buffers[layer].dtype), at)
+        return (*buffers[:layer], row, *buffers[layer + 1 :])
+
+    cache = cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))
     columns = jnp.arange(cache.max_len, dtype=jnp.int32)
     if length > 1:
         segment_ids = (columns[None, :length] >= cache.start[:, None]).astype(jnp.int32)
