@@ -53,7 +53,7 @@ def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return out
 
 
-def _cast_and_place(params: Any, run_cfg: ModelConfig, cfg: ModelConfig, shardings: Any) -> Any:
+def decode_params(params: Any, run_cfg: ModelConfig, cfg: ModelConfig, shardings: Any) -> Any:
     """A restored tree of `run_cfg` in `cfg`'s layout, dtype and shardings, one parameter at a time
     (each stacked parameter is dropped once its rows are out, so the peak is one parameter more)."""
     dtype = DTYPES[cfg.param_dtype]
@@ -101,7 +101,7 @@ def load_from_workdir(
     run_cfg = ModelConfig.from_config(config.model)
     cfg = decode_config(run_cfg, dtype)
     params = load_params(workdir, step, run_cfg, param_shardings(run_cfg, mesh, rules))
-    params = _cast_and_place(params, run_cfg, cfg, param_shardings(cfg, mesh, rules))
+    params = decode_params(params, run_cfg, cfg, param_shardings(cfg, mesh, rules))
     return cfg, params, run_tokenizer(config, pathlib.Path(workdir))
 
 
