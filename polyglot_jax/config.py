@@ -96,6 +96,21 @@ def base_config() -> ml_collections.ConfigDict:
     # Tokenized shards and how batches are built; every key is documented in data/pipeline.py.
     c.data = default_data_config()
 
+    # Validation loss on held-out data (eval_loss, eval_perplexity in metrics.jsonl / TensorBoard).
+    c.eval = ml_collections.ConfigDict()
+    # Steps between evaluations (after steps N, 2N, ... and the last; never at step 0); 0 = off.
+    c.eval.eval_every = 0
+    # Global batches of batch_size held-out rows per evaluation: the first ones of the held-out
+    # stream (stored order, no shuffle), built once and reused, so every evaluation sees the same.
+    c.eval.eval_batches = 10
+    # Held-out data, either (not both): tokenized directories of their own (like data.shards)...
+    c.eval.data = ()
+    # ...or this share of config.data's documents, held out of training by a seeded hash of each
+    # document's content (data/pipeline.py gives the rule). Changes the training data whenever > 0,
+    # also with eval_every = 0; 0 = none held out.
+    c.eval.holdout_fraction = 0.0
+    c.eval.holdout_seed = 0  # the hash's seed: another seed, another split (not the data order)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data parallelism within a node/slice; -1 takes the devices left over
     c.mesh.fsdp = 1  # parameters, gradients and optimizer state sharded (ZeRO-3 style)
@@ -340,6 +355,66 @@ def check_data(
             )
 
 
+def check_eval(
+    config: ml_collections.ConfigDict, model_cfg: ModelConfig, *, missing_ok: bool = False
+) -> None:
+    """The eval section (absent: no evaluation): one ConfigError naming the field.
+
+    Held-out directories are checked like `check_data`'s (`missing_ok` likewise) and must not be
+    training directories."""
+    from polyglot_jax.data.pipeline import BUILTIN
+    from polyglot_jax.data.records import read_manifest
+
+    e = config.get("eval")
+    if e is None:
+        return
+    every, batches = e.get("eval_every", 0), e.get("eval_batches", 1)
+    if not _is_int(every) or every < 0:
+        raise ConfigError(f"config.eval.eval_every={every!r} must be an int >= 0 (0: off)")
+    if not _is_int(batches) or batches <= 0:
+        raise ConfigError(f"config.eval.eval_batches={batches!r} must be a positive int")
+    fraction = e.get("holdout_fraction", 0.0)
+    ok = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool)
+    if not (ok and math.isfinite(fraction) and 0 <= fraction < 1):
+        raise ConfigError(
+            f"config.eval.holdout_fraction={fraction!r} must be a number within [0, 1)"
+        )
+    seed = e.get("holdout_seed", 0)
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"config.eval.holdout_seed={seed!r} must be an int within [0, 2**32)")
+    data = e.get("data") or ()
+    data = (data,) if isinstance(data, str) else data
+    if not isinstance(data, list | tuple) or not all(isinstance(d, str) and d for d in data):
+        raise ConfigError(f"config.eval.data={e.get('data')!r} must name tokenized directories")
+    if data and fraction:
+        raise ConfigError(
+            f"config.eval.data={tuple(data)!r} and config.eval.holdout_fraction={fraction!r} "
+            "both give held-out data: set one of them"
+        )
+    if every and not data and not fraction:
+        raise ConfigError(
+            f"config.eval.eval_every={every} needs held-out data: set config.eval.data (tokenized "
+            "directories) or config.eval.holdout_fraction (a share of config.data's documents)"
+        )
+    shards = config.data.get("shards", ())
+    shards = (shards,) if isinstance(shards, str) else tuple(shards)
+    trained = {s if s == BUILTIN else pathlib.Path(s).resolve() for s in shards}
+    for entry in data:
+        if (entry if entry == BUILTIN else pathlib.Path(entry).resolve()) in trained:
+            raise ConfigError(
+                f"config.eval.data={entry!r} is training data (config.data.shards); hold part of "
+                "it out with config.eval.holdout_fraction instead"
+            )
+        if entry == BUILTIN or (missing_ok and not pathlib.Path(entry).exists()):
+            continue  # (make_eval_dataset compares its tokenizer with the training data's)
+        ids = read_manifest(entry)["vocab_size"]
+        if ids > model_cfg.vocab_size:
+            raise ConfigError(
+                f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the {ids} token "
+                f"ids of the tokenizer that made config.eval.data {entry}"
+            )
+
+
 def validate(
     config: ml_collections.ConfigDict, num_devices: int
 ) -> tuple[ModelConfig, dict[str, int]]:
@@ -376,14 +451,15 @@ class Run:
 def validate_run(
     config: ml_collections.ConfigDict, num_devices: int, *, this_machine: bool = True
 ) -> Run:
-    """Every check, in one place: model, mesh and rules (`validate`), the train and data sections,
-    and, with `this_machine`, the attention kernel against this backend and every data directory
+    """Every check, in one place: model, mesh and rules (`validate`), the train, data and eval
+    sections, and, with `this_machine`, the attention kernel against this backend and every data directory
     (`info` passes False: a config may describe another machine). One error naming the field."""
     from polyglot_jax.attention import check_attention_backend
 
     model_cfg, mesh_shape = validate(config, num_devices)
     check_train(config, model_cfg, mesh_shape)
     check_data(config, model_cfg, missing_ok=not this_machine)
+    check_eval(config, model_cfg, missing_ok=not this_machine)
     if this_machine:
         check_attention_backend(model_cfg.attention_impl)
     return Run(model_cfg, mesh_shape)

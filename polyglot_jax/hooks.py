@@ -4,11 +4,15 @@
 `metrics` the step's host values: `loss`, `grad_norm`, `finite` (whether the update was applied),
 `tokens` (targets that counted) and `epoch`. A hook decides itself when to act; `close()` runs once
 when the loop ends, however it ends. The loop (train.py) applies the NaN policy before the hooks.
+Hooks run in order and may add to `metrics` for the ones after them (`Evaluate` adds the `eval_*`
+values that `LogMetrics` writes).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -71,9 +75,40 @@ class WatchLoss:
         pass
 
 
+EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_tokens", "eval_time_s")
+
+
+class Evaluate:
+    """After every `every`-th step and the last one (finite steps only; never at step 0):
+    `evaluate(params) -> (mean loss, tokens)` on the held-out rows, added to the step's metrics as
+    `eval_loss`, `eval_perplexity` (exp of it), `eval_tokens` (targets that counted) and
+    `eval_time_s` (wall time, the first time with reading the rows and compiling)."""
+
+    def __init__(
+        self, evaluate: Callable[[Any], tuple[float, float]], *, every: int, last_step: int
+    ):
+        self.evaluate = evaluate
+        self.every, self.last_step = every, last_step
+
+    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if not metrics["finite"] or (step % self.every and step != self.last_step):
+            return
+        began = time.perf_counter()
+        loss, tokens = self.evaluate(state.params)
+        metrics["eval_loss"] = loss
+        metrics["eval_perplexity"] = math.inf if loss > 709 else math.exp(loss)
+        metrics["eval_tokens"] = int(tokens)
+        metrics["eval_time_s"] = time.perf_counter() - began
+        logging.info("step %d: eval_loss %.4f (%d held-out tokens)", step, loss, tokens)
+
+    def close(self) -> None:
+        pass
+
+
 class LogMetrics:
-    """Every `every` steps and at the last one (when the step is finite): one record to the
-    `MetricsWriter`, timed over the steps since the previous record. `last` is the latest."""
+    """Every `every` steps, at the last one and at every step `Evaluate` evaluated (when the step
+    is finite): one record to the `MetricsWriter`, timed over the steps since the previous record
+    (evaluation time left out), with the `eval_*` values when there are. `last` is the latest."""
 
     def __init__(
         self,
@@ -94,15 +129,19 @@ class LogMetrics:
         self.last: dict[str, Any] = {}
         self.skipped = 0  # steps whose update was not applied (nan_policy='skip')
         self._window_start, self._window_steps = time.perf_counter(), 0
+        self._window_eval_s = 0.0  # evaluation time within the window: not training time
 
     def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
         self._window_steps += 1
+        self._window_eval_s += metrics.get("eval_time_s", 0.0)
         if not metrics["finite"]:
             self.skipped += 1
             return
-        if step % self.every and step != self.last_step:
+        evaluated = "eval_loss" in metrics
+        if step % self.every and step != self.last_step and not evaluated:
             return
-        step_time = (time.perf_counter() - self._window_start) / max(self._window_steps, 1)
+        elapsed = time.perf_counter() - self._window_start - self._window_eval_s
+        step_time = elapsed / max(self._window_steps, 1)
         peak = self.peak_flops
         self.last = {
             "step": step,
@@ -117,8 +156,11 @@ class LogMetrics:
             "epoch": metrics["epoch"],
             "skipped_steps": self.skipped,
         }
+        if evaluated:
+            self.last.update({key: metrics[key] for key in EVAL_KEYS})
         self.writer.write(self.last)
         self._window_start, self._window_steps = time.perf_counter(), 0
+        self._window_eval_s = 0.0
 
     def close(self) -> None:
         self.writer.close()

@@ -16,7 +16,8 @@ from absl import logging
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step; mirrors scalars to TensorBoard (process 0 only)."""
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard (process 0 only):
+    `eval_<name>` as `eval/<name>`, every other key as `train/<key>`."""
 
     def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True, resume_step: int = 0):
         """`resume_step`: the step the run resumes from; what was logged after it is dropped."""
@@ -61,7 +62,8 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                self._tb.add_scalar(f"train/{key}", value, record["step"])
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self._tb.add_scalar(tag, value, record["step"])
         self._tb.flush()
 
     def close(self) -> None:

@@ -4,8 +4,13 @@
     batch: data.batch.Batch                   [batch_size, seq_len + 1] rows, sharded over the mesh
                                               axes that the rules give `batch`
     step: grad_accum microbatches (lax.scan) -> one AdamW update; non-finite updates are never applied
-    loop: next batch -> step -> NaN policy -> hooks (hooks.py: progress, loss watch, metrics,
-          checkpoints and preemption, profiling)
+    eval step: the same microbatches and loss, forward only: (sum of cross entropy, target count)
+    loop: next batch -> step -> NaN policy -> hooks (hooks.py: progress, loss watch, evaluation,
+          metrics, checkpoints and preemption, profiling)
+
+Evaluation (`config.eval`, off by default) reads held-out rows from a pipeline of its own
+(`data.pipeline.make_eval_dataset`), never the training iterator, and changes no state: a run
+with it gives the losses of the same run without it, bit for bit, and resumes the same way.
 
 Everything that can be checked before compiling is checked first (one ConfigError each).
 """
@@ -34,9 +39,10 @@ from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.config import validate_run
 from polyglot_jax.data.batch import Batch, LocalBatch
-from polyglot_jax.data.pipeline import make_pipeline
+from polyglot_jax.data.pipeline import holdout_for, make_eval_dataset, make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.hooks import (
+    Evaluate,
     LogMetrics,
     Profile,
     ProgressBar,
@@ -92,6 +98,7 @@ class StepFunctions:
     init_params: Any
     init_opt: Any
     train_step: Any
+    eval_step: Any  # (params, batch) -> {"ce": summed cross entropy, "tokens": targets counted}
     param_shardings: Any
     opt_shardings: Any
     abstract_params: Any
@@ -129,14 +136,17 @@ def build_step(
         )
         return ce + zl, (ce, count)
 
-    def train_step(params, opt_state, batch: Batch):
+    def microbatches(batch: Batch) -> Batch:
         # Microbatch m takes rows m, m + A, m + 2A, ...: every device keeps its share of each one.
-        micro = jax.tree.map(
+        return jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(
                 jnp.swapaxes(x.reshape(-1, t.grad_accum, *x.shape[1:]), 0, 1), micro_sharding
             ),
             batch,
         )
+
+    def train_step(params, opt_state, batch: Batch):
+        micro = microbatches(batch)
         grad_fn = jax.grad(loss_terms, has_aux=True)
 
         def accumulate(carry, mb):
@@ -161,6 +171,15 @@ def build_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
+    def eval_step(params, batch: Batch):
+        def add(carry, mb):
+            _, (ce, count) = loss_terms(params, mb)  # the cross entropy, without the z-loss
+            return (carry[0] + ce, carry[1] + count), None
+
+        zero = jnp.float32(0)
+        (ce, count), _ = jax.lax.scan(add, (zero, zero), microbatches(batch))
+        return {"ce": ce, "tokens": count}
+
     return StepFunctions(
         init_params=jax.jit(init_fn, static_argnums=0, out_shardings=param_shardings),
         init_opt=jax.jit(tx.init, in_shardings=(param_shardings,), out_shardings=opt_shardings),
@@ -170,6 +189,7 @@ def build_step(
             out_shardings=(param_shardings, opt_shardings, None),
             donate_argnums=(0, 1),
         ),
+        eval_step=jax.jit(eval_step, in_shardings=(param_shardings, data_sharding)),
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
         abstract_params=jax.tree.map(
@@ -301,7 +321,18 @@ def _start(config, model_cfg, mesh_shape, workdir):
         global_batch_size=t.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        holdout=holdout_for(config.get("eval"), "train"),
     )
+    eval_data = None
+    if config.get("eval") and config.eval.eval_every:
+        eval_data = make_eval_dataset(
+            config.data,
+            config.eval,
+            seq_len=t.seq_len,
+            global_batch_size=t.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         fns = build_step(config, model_cfg, mesh, rules)
         ckpt = Checkpointer(
@@ -337,7 +368,7 @@ def _start(config, model_cfg, mesh_shape, workdir):
             opt_state = fns.init_opt(params)
         if jax.process_index() == 0:
             wd.record_start(config, workdir, start)  # only now: the run really starts
-        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter)
+        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter, eval_data)
         return _loop(run, TrainState(params, opt_state), start)
 
 
@@ -351,6 +382,7 @@ class _Run:
     fns: StepFunctions
     ckpt: Checkpointer
     data_iter: Any
+    eval_data: Any = None  # the held-out rows' dataset (None: no evaluation)
 
 
 def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
@@ -365,6 +397,17 @@ def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
         hooks = [
             ProgressBar(start, t.steps, enabled=jax.process_index() == 0),
             WatchLoss(LossWatch(t.spike_threshold, t.drop_threshold, t.spike_halflife)),
+        ]
+        if run.eval_data is not None:  # before LogMetrics: it writes what Evaluate adds
+            e = run.config.eval
+            hooks.append(
+                Evaluate(
+                    HeldOut(run.fns, run.eval_data, e.eval_batches),
+                    every=e.eval_every,
+                    last_step=t.steps,
+                )
+            )
+        hooks += [
             log,
             save,
             Profile(str(run.workdir / "profile"), *t.profile_steps, start=start),
@@ -393,6 +436,47 @@ def _log_metrics(run: _Run, start: int) -> LogMetrics:
         flops_per_step=flops.training_flops_per_token(run.model_cfg, t.seq_len) * tokens_per_step,
         peak_flops=t.peak_flops_per_device or flops.peak_flops_per_device(),
     )
+
+
+class HeldOut:
+    """The mean loss of parameters over `batches` fixed global batches of held-out rows.
+
+    The rows are the first `batches` batches of a fresh iterator of `dataset` (always the same:
+    the dataset is unshuffled and starts from its beginning), read at the first evaluation and
+    kept on the host, so later evaluations do not read the data again."""
+
+    def __init__(self, fns: StepFunctions, dataset: Any, batches: int):
+        self.fns, self.dataset, self.batches = fns, dataset, batches
+        self._rows: list[Batch] | None = None
+
+    def rows(self) -> list[Batch]:
+        if self._rows is None:
+            self._rows = _eval_batches(iter(self.dataset), self.batches)
+        return self._rows
+
+    def __call__(self, params: Any) -> tuple[float, float]:
+        """(token-weighted mean cross entropy, number of targets that counted)."""
+        sums = [
+            self.fns.eval_step(params, make_global_batch(rows, self.fns.batch_sharding))
+            for rows in self.rows()
+        ]
+        sums = jax.device_get(sums)
+        ce = sum(float(s["ce"]) for s in sums)
+        tokens = sum(float(s["tokens"]) for s in sums)
+        return ce / max(tokens, 1.0), tokens
+
+
+def _eval_batches(iterator: Any, count: int) -> list[Batch]:
+    """The next `count` batches of a held-out iterator (this process's rows, numpy)."""
+    batches = [next(iterator) for _ in range(count)]
+    if batches[-1].epoch > 1:
+        logging.warning(
+            "config.eval.eval_batches=%d batches take %.2f epochs of the held-out data: some rows "
+            "repeat (hold out more, or evaluate fewer batches)",
+            count,
+            float(batches[-1].epoch),
+        )
+    return [b.batch for b in batches]
 
 
 def _train_step(fns: StepFunctions, state: TrainState, local: LocalBatch):

@@ -21,12 +21,13 @@ out of the listing.
 Which config changes a resume accepts (`resume_changes`):
 - free: how far the run goes and how it is logged, saved, laid out and computed without changing
   its math (`RESUMABLE`): more `steps` (which also moves the decay horizon), `log_every`,
-  `checkpoint_every`, the mesh, `attention_impl`, `remat_policy`, `grad_accum`, ...;
+  `checkpoint_every`, the mesh, `attention_impl`, `remat_policy`, `grad_accum`, the evaluation
+  (`eval.eval_every`, `eval.eval_batches`, `eval.data`), ...;
 - never: what fixes the shapes of the saved state (`SHAPE_FIELDS`): resume cannot load it;
-- everything else (the data, batch, sequence length, seeds, optimizer and schedule, dtypes, RoPE)
-  changes what the run computes: refused unless `config.train.allow_config_change=True`, which
-  warns, keeps the parameters and optimizer state, and (when the data or batch changed) starts
-  the new data from its beginning.
+- everything else (the data and its hold-out, batch, sequence length, seeds, optimizer and
+  schedule, dtypes, RoPE) changes what the run computes: refused unless
+  `config.train.allow_config_change=True`, which warns, keeps the parameters and optimizer state,
+  and (when the data or batch changed) starts the new data from its beginning.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ RESUMABLE = (
     "data.prefetch",
     "data.cache_dir",
     "data.tokenizer",  # which tokenizer export and generation use; the ids stay
+    "eval.eval_every",  # evaluation only reads: the training is the same with any of these
+    "eval.eval_batches",
+    "eval.data",
     "model.attention_impl",
     "model.remat_policy",
     "mesh.",  # every mesh field: restoring reshards onto the new mesh
@@ -85,8 +89,15 @@ SHAPE_FIELDS = (
     "model.param_dtype",
     "model.scan_layers",
 )
-# Changes that make the saved data iterator state meaningless (with allow_config_change).
-DATA_FIELDS = ("data.", "train.batch_size", "train.seq_len")
+# Changes that make the saved data iterator state meaningless (with allow_config_change); the
+# hold-out decides which documents train.
+DATA_FIELDS = (
+    "data.",
+    "train.batch_size",
+    "train.seq_len",
+    "eval.holdout_fraction",
+    "eval.holdout_seed",
+)
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

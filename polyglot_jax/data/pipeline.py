@@ -17,8 +17,9 @@ epoch's data reports exactly 1.0, in both modes) and interpolated over the windo
 
 Stages (each JAX process reads only its share):
 1. Records of each tokenized directory (`records.py`: blocks of whole documents) are a grain
-   `MapDataset` over ArrayRecord; this process keeps records `process_index::process_count`;
-   `shuffle` permutes them with a seed per corpus, differently in every epoch (`repeat`).
+   `MapDataset` over ArrayRecord; with a `Holdout` each record keeps only the document pieces of
+   its side (below); this process keeps records `process_index::process_count`; `shuffle`
+   permutes them with a seed per corpus, differently in every epoch (`repeat`).
 2. Corpora are mixed record by record with `MapDataset.mix`; config weights are shares of
    *tokens*, turned into record proportions with each corpus's mean record size.
 3. Rows of `seq_len + 1` tokens are built a window of `shuffle_buffer` rows at a time (rounded up
@@ -31,6 +32,23 @@ Stages (each JAX process reads only its share):
      segment ids and positions per document piece.
    The loss mask of the rows is `batch.loss_mask` (no loss across a piece start or on padding).
 4. Batches of consecutive rows; a thread prepares `prefetch` batches ahead.
+
+Held-out documents (`config.eval.holdout_fraction`, `Holdout`): a document is held out when a
+seeded hash of its *content* falls below the fraction, so the split is fixed by the tokenized data
+and `config.eval.holdout_seed` alone (not by the shuffle seed, the process count or the corpus
+order), and copies of one text always land on the same side. The rule, exactly
+(`document_hashes`, `held_out`; all arithmetic mod 2**64):
+- a document's *first piece* is its tokens (eos included) from its start offset in the record
+  that holds its start up to the next start or that record's end (all of a document that fits a
+  record); the tokens of a record before its first start continue the document of the previous
+  record's last piece (tokenize.py cuts only documents longer than a block that way);
+- h = sum_i (t_i + 1) * M**i over the first piece's tokens t_0, t_1, ..., M = 0x9E3779B97F4A7C15;
+- x = mix64(h ^ mix64(seed)), mix64 the splitmix64 finalizer (`_mix64`);
+- held out iff (x >> 11) / 2**53 < fraction.
+The "train" side keeps every other document, the "eval" side only these, in both modes: records
+are filtered before rows are built (concat joins the kept documents, packing packs them), so no
+document has tokens on both sides. A filtered record keeps its place in the stream (epochs still
+count records; an emptied one is skipped over).
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON dict (where the current
 window starts in the record stream, and how many of its rows were emitted), so
@@ -57,6 +75,7 @@ from polyglot_jax.data.packing import FirstFitPacker
 from polyglot_jax.data.records import (
     check_shards,
     decode_record,
+    encode_record,
     read_manifest,
     shard_files,
     unreadable_record_error,
@@ -174,6 +193,126 @@ class _ShardSource:
             raise unreadable_record_error(self.directory, self.manifest, index, e) from e
 
 
+SIDES = ("train", "eval")
+_M = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+    """Which documents a pipeline reads (module docstring): `side` "train" keeps those not held
+    out, "eval" only the held-out ones; `fraction` within (0, 1)."""
+
+    fraction: float
+    seed: int
+    side: str
+
+    def __post_init__(self):
+        if not 0 < self.fraction < 1:
+            raise ConfigError(
+                f"config.eval.holdout_fraction={self.fraction!r} must be within (0, 1) to hold out"
+            )
+        if self.side not in SIDES:
+            raise ConfigError(f"hold-out side {self.side!r} is not one of {SIDES}")
+
+
+def holdout_for(eval_config: Any, side: str) -> Holdout | None:
+    """The `Holdout` of `config.eval` for one side, or None when nothing is held out."""
+    fraction = (eval_config or {}).get("holdout_fraction", 0.0) or 0.0
+    if not fraction:
+        return None
+    return Holdout(float(fraction), int(eval_config.get("holdout_seed", 0)), side)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+_powers = np.ones(1, np.uint64)  # M**i mod 2**64, grown on demand
+
+
+def _powers_of_m(n: int) -> np.ndarray:
+    global _powers
+    if _powers.size < n:
+        table = np.full(max(n, 2 * _powers.size), _M, np.uint64)
+        table[0] = 1
+        _powers = np.cumprod(table, dtype=np.uint64)
+    return _powers[:n]
+
+
+def document_hashes(tokens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """uint64 [len(bounds) - 1]: h = sum_i (t_i + 1) * M**i of each piece tokens[bounds[k]:
+    bounds[k + 1]] (pieces non-empty, bounds ascending from 0 to tokens.size)."""
+    bounds = np.asarray(bounds, np.int64)
+    lengths = np.diff(bounds)
+    within = np.arange(tokens.size) - np.repeat(bounds[:-1], lengths)
+    terms = (tokens.astype(np.uint64) + np.uint64(1)) * _powers_of_m(int(lengths.max()))[within]
+    return np.add.reduceat(terms, bounds[:-1])
+
+
+def held_out(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """bool: which documents (by `document_hashes` of their first piece) are held out."""
+    key = _mix64(np.asarray([seed], np.uint64))
+    x = _mix64(np.asarray(hashes, np.uint64) ^ key) >> np.uint64(11)
+    return x.astype(np.float64) < fraction * 2.0**53  # exact: x < 2**53
+
+
+class _HoldoutSource:
+    """A corpus's records with only the document pieces of one side of a `Holdout` (record
+    bytes in the same format, possibly empty). A record that starts inside a document asks the
+    records before it which document that is (cached: long documents span many records)."""
+
+    _CACHE = 1 << 16
+
+    def __init__(self, source: _ShardSource, holdout: Holdout):
+        self.source, self.holdout = source, holdout
+        self._last_held: dict[int, bool] = {}  # record -> is its last document held out
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _held(self, tokens: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+        return held_out(document_hashes(tokens, bounds), self.holdout.fraction, self.holdout.seed)
+
+    def _ends_held(self, index: int) -> bool:
+        """Whether the document that record `index` ends in is held out."""
+        visited = []
+        while index not in self._last_held:
+            tokens, starts = decode_record(self.source[index])
+            visited.append(index)
+            if starts.size or index == 0:  # (a first record without a start: its own document)
+                first = int(starts[-1]) if starts.size else 0
+                held = bool(self._held(tokens[first:], [0, tokens.size - first])[0])
+                break
+            index -= 1
+        else:
+            held = self._last_held[index]
+        if len(self._last_held) + len(visited) > self._CACHE:
+            self._last_held.clear()
+        self._last_held.update(dict.fromkeys(visited, held))
+        return held
+
+    def __getitem__(self, index: int) -> bytes:
+        tokens, starts = decode_record(self.source[index])
+        if tokens.size == 0:
+            return encode_record(tokens, starts)
+        continued = bool(starts.size == 0 or starts[0] != 0)
+        bounds = np.asarray([0] * continued + starts.tolist() + [tokens.size], np.int64)
+        held = self._held(tokens, bounds)
+        if continued and index > 0:
+            held[0] = self._ends_held(index - 1)
+        keep = held if self.holdout.side == "eval" else ~held
+        lengths = np.diff(bounds)
+        kept_tokens = tokens[np.repeat(keep, lengths)]
+        # New offsets of the kept pieces; the continued piece is not a document start.
+        offsets = (np.cumsum(lengths * keep) - lengths * keep)[keep]
+        is_start = np.ones(bounds.size - 1, bool)
+        is_start[0] = not continued
+        return encode_record(kept_tokens, offsets[is_start[keep]])
+
+
 def record_stream(
     corpora: Sequence[Corpus],
     record_weights: Sequence[float],
@@ -182,19 +321,29 @@ def record_stream(
     shuffle: bool,
     process_index: int,
     process_count: int,
+    holdout: Holdout | None = None,
 ) -> grain.MapDataset:
-    """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`."""
+    """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`;
+    with `holdout`, only the documents of its side."""
     parts = []
     for c, corpus in enumerate(corpora):
-        ds = grain.MapDataset.source(_ShardSource(corpus.directory, corpus.manifest))[
-            process_index::process_count
-        ]
+        source = _ShardSource(corpus.directory, corpus.manifest)
+        if holdout is not None:
+            source = _HoldoutSource(source, holdout)
+        ds = grain.MapDataset.source(source)[process_index::process_count]
         if shuffle:
             ds = ds.shuffle(seed=_corpus_seed(seed, c))
         parts.append(ds.repeat().map_with_index(_Tag(c)))
     if len(parts) == 1:
         return parts[0]
     return grain.MapDataset.mix(parts, list(record_weights))
+
+
+def _no_documents_error(holdout: Holdout, directories: Sequence[str]) -> ConfigError:
+    return ConfigError(
+        f"config.eval.holdout_fraction={holdout.fraction!r} (holdout_seed={holdout.seed}) leaves "
+        f"no {holdout.side} documents in this process's share of {', '.join(directories)}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +371,21 @@ class _Window:
 class _WindowBuilder:
     """Builds the rows of one window from the record stream, deterministically from its start."""
 
-    def __init__(self, records, *, mode, rows, row_len, shuffle, seed, process_index, corpora):
+    def __init__(
+        self,
+        records,
+        *,
+        mode,
+        rows,
+        row_len,
+        shuffle,
+        seed,
+        process_index,
+        corpora,
+        shares=None,
+        holdout=None,
+        directories=(),
+    ):
         self.records = records
         self.mode = mode
         self.rows = rows
@@ -231,11 +394,28 @@ class _WindowBuilder:
         self.seed = seed
         self.process_index = process_index
         self.num_corpora = corpora
+        self.shares, self.holdout, self.directories = shares, holdout, directories
+        # Per corpus, the first and last index (in its repeated share) of the empty records read
+        # since the last non-empty one, within one window's build.
+        self._empty_run: dict[int, tuple[int, int]] = {}
 
     def _read(self, index: int) -> tuple[int, int, np.ndarray, np.ndarray]:
         """(corpus, index in its repeated share, tokens, document starts) of record `index`."""
         corpus, in_share, data = self.records[index]
-        return (corpus, in_share, *decode_record(data))
+        tokens, starts = decode_record(data)
+        if self.holdout is not None:  # records can be emptied: fail rather than read forever
+            if tokens.size:
+                self._empty_run.clear()
+            else:
+                first = self._empty_run.get(corpus, (in_share, in_share))[0]
+                self._empty_run[corpus] = (first, in_share)
+                # 2 * share consecutive indices of a corpus hold one whole epoch of it.
+                if len(self._empty_run) == self.num_corpora and all(
+                    last - first + 1 >= 2 * self.shares[c]
+                    for c, (first, last) in self._empty_run.items()
+                ):
+                    raise _no_documents_error(self.holdout, self.directories)
+        return corpus, in_share, tokens, starts
 
     def _used(self, consumed: list[int], partial: tuple[int, float] | None) -> np.ndarray:
         used = np.asarray(consumed, np.float64)
@@ -244,13 +424,14 @@ class _WindowBuilder:
         return used
 
     def build(self, start: _Position, window_index: int) -> _Window:
+        self._empty_run.clear()
         first = self._read(start.record)
         corpus, in_share, tokens, _ = first
         consumed = list(start.consumed)
         # A corpus's records are numbered consecutively in the stream, so exactly `in_share` of
         # them precede this one (this also corrects states that counted it when it was read).
         consumed[corpus] = in_share
-        start_used = self._used(consumed, (corpus, start.offset / tokens.size))
+        start_used = self._used(consumed, (corpus, start.offset / max(tokens.size, 1)))
         if self.mode == "concat":
             rows, end, partial = self._concat(start, first, consumed)
         else:
@@ -383,6 +564,8 @@ class SequenceDataset(grain.IterDataset):
         process_index: int,
         process_count: int,
         fingerprint: str,
+        holdout: Holdout | None = None,
+        directories: Sequence[str] = (),
     ):
         super().__init__(records)
         self.records = records
@@ -396,6 +579,8 @@ class SequenceDataset(grain.IterDataset):
         self.process_index = process_index
         self.process_count = process_count
         self.fingerprint = fingerprint
+        self.holdout = holdout
+        self.directories = tuple(directories)
 
     def builder(self) -> _WindowBuilder:
         return _WindowBuilder(
@@ -407,6 +592,9 @@ class SequenceDataset(grain.IterDataset):
             seed=self.seed,
             process_index=self.process_index,
             corpora=len(self.shares),
+            shares=self.shares,
+            holdout=self.holdout,
+            directories=self.directories,
         )
 
     def __iter__(self) -> _SequenceIterator:
@@ -424,11 +612,13 @@ def make_dataset(
     seed: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    holdout: Holdout | None = None,
 ) -> grain.IterDataset:
     """The pipeline as a grain `IterDataset` (see the module docstring); `make_pipeline` iterates it.
 
     `seed` defaults to `data_config.seed`; `process_index` / `process_count` (which share of the
-    data this process reads) default to `jax.process_index()` / `jax.process_count()`."""
+    data this process reads) default to `jax.process_index()` / `jax.process_count()`; `holdout`
+    (None: every document) keeps one side of a hold-out (`holdout_for(config.eval, side)`)."""
     mode = data_config.get("mode", "concat")
     if mode not in MODES:
         raise ConfigError(f"config.data.mode={mode!r}; choose one of {MODES}")
@@ -450,7 +640,8 @@ def make_dataset(
     window_rows = -(-max(buffer, local_batch) // local_batch) * local_batch
 
     corpora = []
-    for directory in tokenized_directories(data_config):
+    directories = tokenized_directories(data_config)
+    for directory in directories:
         manifest = read_manifest(directory)
         share = len(range(process_index, manifest["records"], process_count))
         if share == 0:
@@ -470,6 +661,7 @@ def make_dataset(
         shuffle=shuffle,
         process_index=process_index,
         process_count=process_count,
+        holdout=holdout,
     )
     identity = {
         "corpora": [
@@ -484,6 +676,8 @@ def make_dataset(
         "shuffle": shuffle,
         "seed": seed,
     }
+    if holdout is not None:  # (absent otherwise: states saved before hold-outs existed still fit)
+        identity["holdout"] = dataclasses.asdict(holdout)
     fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     return SequenceDataset(
         records,
@@ -497,6 +691,8 @@ def make_dataset(
         process_index=process_index,
         process_count=process_count,
         fingerprint=fingerprint,
+        holdout=holdout,
+        directories=directories,
     )
 
 
@@ -508,11 +704,12 @@ def make_pipeline(
     seed: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    holdout: Holdout | None = None,
 ) -> grain.DatasetIterator:
     """This process's batch iterator (checkpointable; see the module docstring for the batches).
 
     Reads `data_config` keys: shards, weights, mode, shuffle, shuffle_buffer, seed, prefetch,
-    cache_dir (defaults: `default_data_config()`)."""
+    cache_dir (defaults: `default_data_config()`); `holdout` as in `make_dataset`."""
     dataset = make_dataset(
         data_config,
         seq_len=seq_len,
@@ -520,6 +717,7 @@ def make_pipeline(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        holdout=holdout,
     )
     prefetch = int(data_config.get("prefetch", 2))
     if prefetch > 0:
@@ -527,3 +725,57 @@ def make_pipeline(
             dataset, prefetch_buffer_size=prefetch
         )
     return iter(dataset)
+
+
+def eval_data_config(
+    data_config: ml_collections.ConfigDict, eval_config: Any
+) -> tuple[ml_collections.ConfigDict, Holdout | None]:
+    """The data settings of the held-out rows and their `Holdout` (None for `config.eval.data`).
+
+    The held-out rows are built like the training rows (`mode`, `shuffle_buffer`: the packing
+    bins) but in stored order: no record or row shuffle, so they are fixed by the data alone.
+    With `config.eval.data` they are those directories' documents (mixed by size); otherwise the
+    documents `config.eval.holdout_fraction` holds out of `config.data.shards` (same weights)."""
+    config = ml_collections.ConfigDict(data_config.to_dict())
+    config.shuffle = False
+    config.prefetch = 0
+    shards = eval_config.get("data") or ()
+    if isinstance(shards, str):
+        shards = (shards,)
+    if shards:
+        config.shards = tuple(shards)
+        config.weights = ()
+        return config, None
+    return config, holdout_for(eval_config, "eval")
+
+
+def make_eval_dataset(
+    data_config: ml_collections.ConfigDict,
+    eval_config: Any,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> SequenceDataset:
+    """The held-out rows (`eval_data_config`) as a dataset: `iter()` starts it from its beginning,
+    so every evaluation can read the same batches. Their tokenizer must be the training data's."""
+    config, holdout = eval_data_config(data_config, eval_config)
+    if holdout is None and config.shards:
+        train_hashes = {
+            read_manifest(d).get("tokenizer_sha256") for d in tokenized_directories(data_config)
+        }
+        for directory in tokenized_directories(config):
+            if read_manifest(directory).get("tokenizer_sha256") not in train_hashes:
+                raise ConfigError(
+                    f"config.eval.data {directory} was tokenized with another tokenizer than "
+                    "config.data.shards"
+                )
+    return make_dataset(
+        config,
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        holdout=holdout,
+    )
