@@ -110,6 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
     # also with eval_every = 0; 0 = none held out.
     c.eval.holdout_fraction = 0.0
     c.eval.holdout_seed = 0  # the hash's seed: another seed, another split (not the data order)
+    # The broken-generation monitor (eval/monitor.py): every N steps (and the last), greedy
+    # continuations of fixed prompts; repetition metrics (gen_*) and the texts (gen_samples) go to
+    # metrics.jsonl and TensorBoard, with a warning when they look broken. 0 = off.
+    c.eval.generation_every = 0
+    c.eval.generation_prompts = ("대한민국의 수도는", "옛날 옛적에 한 마을에", "오늘 날씨가")
+    c.eval.generation_max_new_tokens = 64  # per prompt; prompt + this must fit config.model.max_len
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data parallelism within a node/slice; -1 takes the devices left over
@@ -373,6 +379,26 @@ def check_eval(
         raise ConfigError(f"config.eval.eval_every={every!r} must be an int >= 0 (0: off)")
     if not _is_int(batches) or batches <= 0:
         raise ConfigError(f"config.eval.eval_batches={batches!r} must be a positive int")
+    gen_every = e.get("generation_every", 0)
+    if not _is_int(gen_every) or gen_every < 0:
+        raise ConfigError(
+            f"config.eval.generation_every={gen_every!r} must be an int >= 0 (0: off)"
+        )
+    gen_new = e.get("generation_max_new_tokens", 64)
+    if not _is_int(gen_new) or not 0 < gen_new < model_cfg.max_len:
+        raise ConfigError(
+            f"config.eval.generation_max_new_tokens={gen_new!r} must be an int within "
+            f"[1, config.model.max_len={model_cfg.max_len})"
+        )
+    prompts = e.get("generation_prompts", ())
+    if gen_every and (
+        not isinstance(prompts, list | tuple)
+        or not prompts
+        or not all(isinstance(p, str) and p for p in prompts)
+    ):
+        raise ConfigError(
+            f"config.eval.generation_prompts={prompts!r} must be non-empty texts (a tuple)"
+        )
     fraction = e.get("holdout_fraction", 0.0)
     ok = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool)
     if not (ok and math.isfinite(fraction) and 0 <= fraction < 1):

@@ -59,7 +59,6 @@ class Sampling:
 
     def check(self, vocab_size: int) -> None:
         """One ConfigError naming the first bad field."""
-        from polyglot_jax.config import SEED_LIMIT
 
         def integer(name: str, low: int) -> None:
             value = getattr(self, name)
@@ -84,7 +83,8 @@ class Sampling:
             raise ConfigError(
                 f"repetition_penalty={self.repetition_penalty} must be a positive finite number"
             )
-        if not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
+        # jax.random.key keeps 32 bits (config.SEED_LIMIT; not imported: no ml_collections here)
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ConfigError(f"seed={self.seed} must be an int within [0, 2**32)")
         if self.eos_id is not None and not 0 <= self.eos_id < vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the vocabulary [0, {vocab_size})")
@@ -168,6 +168,7 @@ def _truncated(warped: jax.Array, knobs: Knobs) -> jax.Array:
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
     dropped = jnp.minimum(jnp.sum(cumulative <= 1.0 - knobs.top_p, -1), vocab_size - 1)
     pth = jnp.take_along_axis(ascending, dropped[:, None], axis=-1)
+    pth = jnp.where(knobs.top_p >= 1.0, neg_inf, pth)  # off, as HF (no float32 underflow cut)
     return jnp.where(warped < pth, neg_inf, warped)
 
 
@@ -353,20 +354,28 @@ def decode_loop(
                 stop = live & ~eos & jnp.any(jnp.all(match, -1), -1)
             finish = jnp.where(eos, 1, jnp.where(stop, 2, s["finish"]))
             seen = s["seen"].at[jnp.arange(rows), token].max(live)
-            hidden, cache = model.apply(
-                {"params": params}, token[:, None], cache=s["cache"], return_hidden=True
-            )
+            done = s["done"] | eos | stop
+
+            def forward():
+                hidden, cache = model.apply(
+                    {"params": params}, token[:, None], cache=s["cache"], return_hidden=True
+                )
+                return cache, logits_of(params, hidden)
+
+            # The last token needs no forward pass (nor does a batch whose rows have all ended).
+            more = (step + 1 < max_new) & ~jnp.all(done)
+            cache, next_logits = jax.lax.cond(more, forward, lambda: (s["cache"], logits))
             return dict(
                 step=step + 1,
                 cache=cache,
-                logits=logits_of(params, hidden),
+                logits=next_logits,
                 seen=seen,
                 ids=ids,
                 logprobs=logprobs,
                 tail=tail,
                 finish=finish,
                 length=s["length"] + live,
-                done=s["done"] | eos | stop,
+                done=done,
             )
 
         s = jax.lax.while_loop(cond, body, state)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 from absl import logging
 
+from polyglot_jax.eval.monitor import GENERATION_KEYS
 from polyglot_jax.metrics import LossWatch, MetricsWriter
 
 
@@ -138,7 +139,8 @@ class LogMetrics:
             self.skipped += 1
             return
         evaluated = "eval_loss" in metrics
-        if step % self.every and step != self.last_step and not evaluated:
+        monitored = "gen_samples" in metrics
+        if step % self.every and step != self.last_step and not (evaluated or monitored):
             return
         elapsed = time.perf_counter() - self._window_start - self._window_eval_s
         step_time = elapsed / max(self._window_steps, 1)
@@ -158,6 +160,8 @@ class LogMetrics:
         }
         if evaluated:
             self.last.update({key: metrics[key] for key in EVAL_KEYS})
+        if monitored:
+            self.last.update({key: metrics[key] for key in (*GENERATION_KEYS, "gen_samples")})
         self.writer.write(self.last)
         self._window_start, self._window_steps = time.perf_counter(), 0
         self._window_eval_s = 0.0

@@ -41,6 +41,7 @@ from polyglot_jax.config import validate_run
 from polyglot_jax.data.batch import Batch, LocalBatch
 from polyglot_jax.data.pipeline import holdout_for, make_eval_dataset, make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
+from polyglot_jax.eval.monitor import GenerationMonitor
 from polyglot_jax.hooks import (
     Evaluate,
     LogMetrics,
@@ -368,7 +369,7 @@ def _start(config, model_cfg, mesh_shape, workdir):
             opt_state = fns.init_opt(params)
         if jax.process_index() == 0:
             wd.record_start(config, workdir, start)  # only now: the run really starts
-        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter, eval_data)
+        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter, eval_data, mesh, rules)
         return _loop(run, TrainState(params, opt_state), start)
 
 
@@ -383,6 +384,30 @@ class _Run:
     ckpt: Checkpointer
     data_iter: Any
     eval_data: Any = None  # the held-out rows' dataset (None: no evaluation)
+    mesh: Any = None
+    rules: Any = ()
+
+
+def _generation_monitor(run: _Run) -> GenerationMonitor:
+    """The broken-generation monitor of `config.eval`, its prompts encoded with the run's tokenizer."""
+    from polyglot_jax.generate_weights import load_tokenizer_dir
+
+    e = run.config.eval
+    tokenizer = load_tokenizer_dir(wd.run_tokenizer(run.config, run.workdir))
+    if tokenizer is None:
+        raise ConfigError(
+            "config.eval.generation_every needs the run's tokenizer: set config.data.tokenizer"
+        )
+    return GenerationMonitor(
+        run.model_cfg,
+        [tokenizer.encode(p) for p in e.generation_prompts],
+        every=e.generation_every,
+        last_step=run.config.train.steps,
+        max_new_tokens=e.generation_max_new_tokens,
+        mesh=run.mesh,
+        rules=run.rules,
+        decode=tokenizer.decode,
+    )
 
 
 def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
@@ -407,6 +432,8 @@ def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
                     last_step=t.steps,
                 )
             )
+        if (run.config.get("eval") or {}).get("generation_every", 0):
+            hooks.append(_generation_monitor(run))  # before LogMetrics, like Evaluate
         hooks += [
             log,
             save,

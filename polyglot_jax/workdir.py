@@ -75,6 +75,9 @@ RESUMABLE = (
     "data.tokenizer",  # which tokenizer export and generation use; the ids stay
     "eval.eval_every",  # evaluation only reads: the training is the same with any of these
     "eval.eval_batches",
+    "eval.generation_every",  # the monitor only reads the params
+    "eval.generation_prompts",
+    "eval.generation_max_new_tokens",
     "eval.data",
     "model.attention_impl",
     "model.remat_policy",

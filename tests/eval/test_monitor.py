@@ -20,12 +20,12 @@ CFG = ModelConfig(
 PROMPTS = [[1, 2, 3], [9, 8, 7, 6, 5]]
 
 
-def _greedy(params, prompt, n):
-    model = GPTNeoX(CFG)
+def _greedy(params, prompt, n, cfg=CFG):
+    model = GPTNeoX(cfg)
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t[None])[0])
     seq = list(prompt)
     for _ in range(n):
-        window = np.zeros(CFG.max_len, np.int32)
+        window = np.zeros(cfg.max_len, np.int32)
         window[: len(seq)] = seq
         seq.append(int(jnp.argmax(forward(params, window)[len(seq) - 1])))
     return seq[len(prompt) :]
@@ -74,3 +74,35 @@ def test_a_looping_model_is_flagged(caplog):
         1 - 1 / 13
     )
     assert "repeat themselves" in caplog.text and "epoch 0.990" in caplog.text
+
+
+def test_train_logs_the_monitor_at_its_steps(tmp_path):
+    """Through `train`: records at steps 2 and 4 carry gen_* and the texts, and the texts are the
+    decoding of a greedy continuation re-computed from that step's checkpoint."""
+    import json
+
+    import orbax.checkpoint as ocp
+    from train_fixtures import tiny_config, tiny_shards
+
+    from polyglot_jax.data.tokenizer import load_tokenizer
+    from polyglot_jax.train import train
+    from polyglot_jax.workdir import run_tokenizer
+
+    config = tiny_config(
+        tiny_shards(tmp_path / "cache"), train__steps=4, train__checkpoint_every=2,
+        train__log_every=3, model__dtype="float32",
+    )  # fmt: skip
+    config.eval.generation_every = 2
+    config.eval.generation_prompts = ("대한민국의 수도는", "옛날 옛적에")
+    config.eval.generation_max_new_tokens = 6
+    train(config, tmp_path / "run")
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "run/metrics.jsonl").open())}
+    assert {s for s, r in records.items() if "gen_samples" in r} == {2, 4}
+    assert "gen_samples" not in records[3] and records[3]["loss"] > 0  # the log_every record
+    tokenizer = load_tokenizer(run_tokenizer(config, tmp_path / "run"))
+    cfg = ModelConfig.from_config(config.model)
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(tmp_path / "run/checkpoints/2/params")
+    seqs = [_greedy(params, tokenizer.encode(p), 6, cfg) for p in config.eval.generation_prompts]
+    assert records[2]["gen_samples"] == [tokenizer.decode(s) for s in seqs]
+    assert records[2]["gen_seq_rep_4"] == pytest.approx(repetition.summary(seqs)["seq_rep_4"])
