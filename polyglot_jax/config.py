@@ -322,7 +322,8 @@ def check_data(
     vocabulary; the built-in sample is checked by the vocabulary it will be tokenized with.
     `missing_ok` skips directories that do not exist here (`info` on a machine without the data).
     """
-    from polyglot_jax.data.pipeline import BUILTIN, MODES
+    from polyglot_jax.data.pipeline import MODES
+    from polyglot_jax.data.record_stream import BUILTIN
     from polyglot_jax.data.records import read_manifest
     from polyglot_jax.data.sample import SAMPLE_VOCAB_SIZE
 
@@ -368,7 +369,7 @@ def check_eval(
 
     Held-out directories are checked like `check_data`'s (`missing_ok` likewise) and must not be
     training directories."""
-    from polyglot_jax.data.pipeline import BUILTIN
+    from polyglot_jax.data.record_stream import BUILTIN
     from polyglot_jax.data.records import read_manifest
 
     e = config.get("eval")

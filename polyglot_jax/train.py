@@ -9,7 +9,7 @@
           metrics, checkpoints and preemption, profiling)
 
 Evaluation (`config.eval`, off by default) reads held-out rows from a pipeline of its own
-(`data.pipeline.make_eval_dataset`), never the training iterator, and changes no state: a run
+(`data.eval_data.make_eval_dataset`), never the training iterator, and changes no state: a run
 with it gives the losses of the same run without it, bit for bit, and resumes the same way.
 
 Everything that can be checked before compiling is checked first (one ConfigError each).
@@ -39,7 +39,9 @@ from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import Checkpointer, restore_params
 from polyglot_jax.config import validate_run
 from polyglot_jax.data.batch import Batch, LocalBatch
-from polyglot_jax.data.pipeline import holdout_for, make_eval_dataset, make_pipeline
+from polyglot_jax.data.eval_data import make_eval_dataset
+from polyglot_jax.data.holdout import holdout_for
+from polyglot_jax.data.pipeline import make_pipeline
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.eval.monitor import GenerationMonitor
 from polyglot_jax.hooks import (

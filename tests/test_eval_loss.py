@@ -25,13 +25,9 @@ import polyglot_jax.train as trainer
 from polyglot_jax import workdir as wd
 from polyglot_jax.checkpoint import restore_params
 from polyglot_jax.config import validate_run
-from polyglot_jax.data.pipeline import (
-    document_hashes,
-    held_out,
-    holdout_for,
-    make_eval_dataset,
-    make_pipeline,
-)
+from polyglot_jax.data.eval_data import make_eval_dataset
+from polyglot_jax.data.holdout import document_hashes, held_out, holdout_for
+from polyglot_jax.data.pipeline import make_pipeline
 from polyglot_jax.data.records import decode_record, read_manifest
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.model import GPTNeoX

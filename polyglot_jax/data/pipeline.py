@@ -33,22 +33,8 @@ Stages (each JAX process reads only its share):
    The loss mask of the rows is `batch.loss_mask` (no loss across a piece start or on padding).
 4. Batches of consecutive rows; a thread prepares `prefetch` batches ahead.
 
-Held-out documents (`config.eval.holdout_fraction`, `Holdout`): a document is held out when a
-seeded hash of its *content* falls below the fraction, so the split is fixed by the tokenized data
-and `config.eval.holdout_seed` alone (not by the shuffle seed, the process count or the corpus
-order), and copies of one text always land on the same side. The rule, exactly
-(`document_hashes`, `held_out`; all arithmetic mod 2**64):
-- a document's *first piece* is its tokens (eos included) from its start offset in the record
-  that holds its start up to the next start or that record's end (all of a document that fits a
-  record); the tokens of a record before its first start continue the document of the previous
-  record's last piece (tokenize.py cuts only documents longer than a block that way);
-- h = sum_i (t_i + 1) * M**i over the first piece's tokens t_0, t_1, ..., M = 0x9E3779B97F4A7C15;
-- x = mix64(h ^ mix64(seed)), mix64 the splitmix64 finalizer (`_mix64`);
-- held out iff (x >> 11) / 2**53 < fraction.
-The "train" side keeps every other document, the "eval" side only these, in both modes: records
-are filtered before rows are built (concat joins the kept documents, packing packs them), so no
-document has tokens on both sides. A filtered record keeps its place in the stream (epochs still
-count records; an emptied one is skipped over).
+Held-out documents (`config.eval.holdout_fraction`): `holdout.py` decides, record by record,
+which document pieces a side keeps, before rows are built.
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON dict (where the current
 window starts in the record stream, and how many of its rows were emitted), so
@@ -71,19 +57,23 @@ import ml_collections
 import numpy as np
 
 from polyglot_jax.data.batch import Batch, LocalBatch
+from polyglot_jax.data.holdout import Holdout
 from polyglot_jax.data.packing import FirstFitPacker
-from polyglot_jax.data.records import (
-    check_shards,
-    decode_record,
-    encode_record,
-    read_manifest,
-    shard_files,
-    unreadable_record_error,
+from polyglot_jax.data.record_stream import (
+    BUILTIN,
+    Corpus,
+    no_documents_error,
+    record_stream,
+    record_weights,
+    tokenized_directories,
 )
-from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.data.records import (
+    decode_record,
+    read_manifest,
+)
+from polyglot_jax.errors import ConfigError
 
 MODES = ("concat", "packed")
-BUILTIN = "builtin"  # a `shards` entry naming the built-in Korean sample (data/sample.py)
 _STATE_VERSION = 1
 
 
@@ -104,246 +94,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     # "" = the one recorded in the first directory's manifest.json.
     config.tokenizer = ""
     return config
-
-
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    """One tokenized directory as this process sees it."""
-
-    directory: str
-    manifest: dict
-    share: int  # records in this process's share
-
-
-def tokenized_directories(data_config: ml_collections.ConfigDict) -> list[str]:
-    """The tokenized directories that `config.data.shards` names ('builtin' prepared on first use)."""
-    shards = data_config.get("shards", ())
-    if isinstance(shards, str):
-        shards = (shards,)
-    if not shards:
-        raise ConfigError("config.data.shards is empty: name tokenized directories or 'builtin'")
-    directories = []
-    for entry in shards:
-        if entry == BUILTIN:
-            from polyglot_jax.data.sample import prepare_builtin_sample
-
-            entry = str(prepare_builtin_sample(data_config.get("cache_dir") or None))
-        directories.append(str(entry))
-    return directories
-
-
-def _record_weights(corpora: Sequence[Corpus], weights: Sequence[float]) -> list[float]:
-    """Record proportions for `MapDataset.mix` from token shares (or sizes when empty)."""
-    if not weights:
-        return [float(c.manifest["records"]) for c in corpora]
-    if len(weights) != len(corpora):
-        raise ConfigError(
-            f"config.data.weights has {len(weights)} entries for {len(corpora)} shards directories"
-        )
-    if any(not w > 0 for w in weights):
-        raise ConfigError(f"config.data.weights must all be positive, got {tuple(weights)}")
-    return [
-        w * c.manifest["records"] / c.manifest["tokens"]
-        for w, c in zip(weights, corpora, strict=True)
-    ]
-
-
-def _corpus_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-class _Tag:
-    """(corpus, index in this process's repeated share, record bytes): the index gives the epoch."""
-
-    def __init__(self, corpus: int):
-        self.corpus = corpus
-
-    def __call__(self, index: int, record: bytes) -> tuple[int, int, bytes]:
-        return self.corpus, index, record
-
-
-class _ShardSource:
-    """The records of one tokenized directory (grain's ArrayRecord source), with errors that name
-    the shard: a damaged shard is found when the pipeline is built (counts that disagree with
-    manifest.json) or, for damage inside a record, when that record is read."""
-
-    def __init__(self, directory: str, manifest: dict):
-        self.directory = directory
-        self.manifest = manifest
-        try:
-            self.source = grain.sources.ArrayRecordDataSource(shard_files(directory, manifest))
-            count = len(self.source)
-        except Exception as e:  # array_record's RuntimeError names neither file nor record
-            check_shards(directory, manifest)
-            raise InputError(f"{directory}: the shards cannot be opened ({e})") from e
-        if count != manifest["records"]:
-            check_shards(directory, manifest)  # names the shard whose count differs
-            raise InputError(
-                f"{directory}: the shards hold {count} records, manifest.json lists "
-                f"{manifest['records']}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> bytes:
-        try:
-            return self.source[index]
-        except Exception as e:
-            raise unreadable_record_error(self.directory, self.manifest, index, e) from e
-
-
-SIDES = ("train", "eval")
-_M = np.uint64(0x9E3779B97F4A7C15)
-
-
-@dataclasses.dataclass(frozen=True)
-class Holdout:
-    """Which documents a pipeline reads (module docstring): `side` "train" keeps those not held
-    out, "eval" only the held-out ones; `fraction` within (0, 1)."""
-
-    fraction: float
-    seed: int
-    side: str
-
-    def __post_init__(self):
-        if not 0 < self.fraction < 1:
-            raise ConfigError(
-                f"config.eval.holdout_fraction={self.fraction!r} must be within (0, 1) to hold out"
-            )
-        if self.side not in SIDES:
-            raise ConfigError(f"hold-out side {self.side!r} is not one of {SIDES}")
-
-
-def holdout_for(eval_config: Any, side: str) -> Holdout | None:
-    """The `Holdout` of `config.eval` for one side, or None when nothing is held out."""
-    fraction = (eval_config or {}).get("holdout_fraction", 0.0) or 0.0
-    if not fraction:
-        return None
-    return Holdout(float(fraction), int(eval_config.get("holdout_seed", 0)), side)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-_powers = np.ones(1, np.uint64)  # M**i mod 2**64, grown on demand
-
-
-def _powers_of_m(n: int) -> np.ndarray:
-    global _powers
-    if _powers.size < n:
-        table = np.full(max(n, 2 * _powers.size), _M, np.uint64)
-        table[0] = 1
-        _powers = np.cumprod(table, dtype=np.uint64)
-    return _powers[:n]
-
-
-def document_hashes(tokens: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """uint64 [len(bounds) - 1]: h = sum_i (t_i + 1) * M**i of each piece tokens[bounds[k]:
-    bounds[k + 1]] (pieces non-empty, bounds ascending from 0 to tokens.size)."""
-    bounds = np.asarray(bounds, np.int64)
-    lengths = np.diff(bounds)
-    within = np.arange(tokens.size) - np.repeat(bounds[:-1], lengths)
-    terms = (tokens.astype(np.uint64) + np.uint64(1)) * _powers_of_m(int(lengths.max()))[within]
-    return np.add.reduceat(terms, bounds[:-1])
-
-
-def held_out(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """bool: which documents (by `document_hashes` of their first piece) are held out."""
-    key = _mix64(np.asarray([seed], np.uint64))
-    x = _mix64(np.asarray(hashes, np.uint64) ^ key) >> np.uint64(11)
-    return x.astype(np.float64) < fraction * 2.0**53  # exact: x < 2**53
-
-
-class _HoldoutSource:
-    """A corpus's records with only the document pieces of one side of a `Holdout` (record
-    bytes in the same format, possibly empty). A record that starts inside a document asks the
-    records before it which document that is (cached: long documents span many records)."""
-
-    _CACHE = 1 << 16
-
-    def __init__(self, source: _ShardSource, holdout: Holdout):
-        self.source, self.holdout = source, holdout
-        self._last_held: dict[int, bool] = {}  # record -> is its last document held out
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def _held(self, tokens: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
-        return held_out(document_hashes(tokens, bounds), self.holdout.fraction, self.holdout.seed)
-
-    def _ends_held(self, index: int) -> bool:
-        """Whether the document that record `index` ends in is held out."""
-        visited = []
-        while index not in self._last_held:
-            tokens, starts = decode_record(self.source[index])
-            visited.append(index)
-            if starts.size or index == 0:  # (a first record without a start: its own document)
-                first = int(starts[-1]) if starts.size else 0
-                held = bool(self._held(tokens[first:], [0, tokens.size - first])[0])
-                break
-            index -= 1
-        else:
-            held = self._last_held[index]
-        if len(self._last_held) + len(visited) > self._CACHE:
-            self._last_held.clear()
-        self._last_held.update(dict.fromkeys(visited, held))
-        return held
-
-    def __getitem__(self, index: int) -> bytes:
-        tokens, starts = decode_record(self.source[index])
-        if tokens.size == 0:
-            return encode_record(tokens, starts)
-        continued = bool(starts.size == 0 or starts[0] != 0)
-        bounds = np.asarray([0] * continued + starts.tolist() + [tokens.size], np.int64)
-        held = self._held(tokens, bounds)
-        if continued and index > 0:
-            held[0] = self._ends_held(index - 1)
-        keep = held if self.holdout.side == "eval" else ~held
-        lengths = np.diff(bounds)
-        kept_tokens = tokens[np.repeat(keep, lengths)]
-        # New offsets of the kept pieces; the continued piece is not a document start.
-        offsets = (np.cumsum(lengths * keep) - lengths * keep)[keep]
-        is_start = np.ones(bounds.size - 1, bool)
-        is_start[0] = not continued
-        return encode_record(kept_tokens, offsets[is_start[keep]])
-
-
-def record_stream(
-    corpora: Sequence[Corpus],
-    record_weights: Sequence[float],
-    *,
-    seed: int,
-    shuffle: bool,
-    process_index: int,
-    process_count: int,
-    holdout: Holdout | None = None,
-) -> grain.MapDataset:
-    """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`;
-    with `holdout`, only the documents of its side."""
-    parts = []
-    for c, corpus in enumerate(corpora):
-        source = _ShardSource(corpus.directory, corpus.manifest)
-        if holdout is not None:
-            source = _HoldoutSource(source, holdout)
-        ds = grain.MapDataset.source(source)[process_index::process_count]
-        if shuffle:
-            ds = ds.shuffle(seed=_corpus_seed(seed, c))
-        parts.append(ds.repeat().map_with_index(_Tag(c)))
-    if len(parts) == 1:
-        return parts[0]
-    return grain.MapDataset.mix(parts, list(record_weights))
-
-
-def _no_documents_error(holdout: Holdout, directories: Sequence[str]) -> ConfigError:
-    return ConfigError(
-        f"config.eval.holdout_fraction={holdout.fraction!r} (holdout_seed={holdout.seed}) leaves "
-        f"no {holdout.side} documents in this process's share of {', '.join(directories)}"
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +164,7 @@ class _WindowBuilder:
                     last - first + 1 >= 2 * self.shares[c]
                     for c, (first, last) in self._empty_run.items()
                 ):
-                    raise _no_documents_error(self.holdout, self.directories)
+                    raise no_documents_error(self.holdout, self.directories)
         return corpus, in_share, tokens, starts
 
     def _used(self, consumed: list[int], partial: tuple[int, float] | None) -> np.ndarray:
@@ -653,10 +403,10 @@ def make_dataset(
     hashes = {c.manifest.get("tokenizer_sha256") for c in corpora}
     if len(hashes) > 1:
         raise ConfigError("config.data.shards were tokenized with different tokenizers")
-    record_weights = _record_weights(corpora, tuple(data_config.get("weights", ())))
+    weights = record_weights(corpora, tuple(data_config.get("weights", ())))
     records = record_stream(
         corpora,
-        record_weights,
+        weights,
         seed=seed,
         shuffle=shuffle,
         process_index=process_index,
@@ -668,7 +418,7 @@ def make_dataset(
             [c.manifest["tokens"], c.manifest["records"], c.manifest.get("tokenizer_sha256")]
             for c in corpora
         ],
-        "weights": record_weights,
+        "weights": weights,
         "mode": mode,
         "row_len": seq_len + 1,
         "local_batch": local_batch,
@@ -725,57 +475,3 @@ def make_pipeline(
             dataset, prefetch_buffer_size=prefetch
         )
     return iter(dataset)
-
-
-def eval_data_config(
-    data_config: ml_collections.ConfigDict, eval_config: Any
-) -> tuple[ml_collections.ConfigDict, Holdout | None]:
-    """The data settings of the held-out rows and their `Holdout` (None for `config.eval.data`).
-
-    The held-out rows are built like the training rows (`mode`, `shuffle_buffer`: the packing
-    bins) but in stored order: no record or row shuffle, so they are fixed by the data alone.
-    With `config.eval.data` they are those directories' documents (mixed by size); otherwise the
-    documents `config.eval.holdout_fraction` holds out of `config.data.shards` (same weights)."""
-    config = ml_collections.ConfigDict(data_config.to_dict())
-    config.shuffle = False
-    config.prefetch = 0
-    shards = eval_config.get("data") or ()
-    if isinstance(shards, str):
-        shards = (shards,)
-    if shards:
-        config.shards = tuple(shards)
-        config.weights = ()
-        return config, None
-    return config, holdout_for(eval_config, "eval")
-
-
-def make_eval_dataset(
-    data_config: ml_collections.ConfigDict,
-    eval_config: Any,
-    *,
-    seq_len: int,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> SequenceDataset:
-    """The held-out rows (`eval_data_config`) as a dataset: `iter()` starts it from its beginning,
-    so every evaluation can read the same batches. Their tokenizer must be the training data's."""
-    config, holdout = eval_data_config(data_config, eval_config)
-    if holdout is None and config.shards:
-        train_hashes = {
-            read_manifest(d).get("tokenizer_sha256") for d in tokenized_directories(data_config)
-        }
-        for directory in tokenized_directories(config):
-            if read_manifest(directory).get("tokenizer_sha256") not in train_hashes:
-                raise ConfigError(
-                    f"config.eval.data {directory} was tokenized with another tokenizer than "
-                    "config.data.shards"
-                )
-    return make_dataset(
-        config,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        holdout=holdout,
-    )

@@ -20,12 +20,8 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polyglot_jax.data.batch import LocalBatch
-from polyglot_jax.data.pipeline import (
-    Corpus,
-    default_data_config,
-    make_pipeline,
-    record_stream,
-)
+from polyglot_jax.data.pipeline import default_data_config, make_pipeline
+from polyglot_jax.data.record_stream import Corpus, record_stream
 from polyglot_jax.data.records import FORMAT, decode_record, read_manifest, shard_name
 from polyglot_jax.data.sample import (
     builtin_corpus_texts,
