@@ -35,20 +35,23 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 @functools.lru_cache(maxsize=32)
 def score_fn(cfg: ModelConfig, row: NamedSharding):
-    """Jitted (params, tokens, targets, mask) -> (summed log-prob, all greedy) per row; tokens,
-    targets and mask are [rows, length] (mask 1 on the continuation's targets)."""
+    """Jitted (params, tokens [rows, length], at [rows, span], targets [rows, span], mask [rows,
+    span]) -> (summed log-prob, all greedy) per row. Only the `span` positions `at` (the
+    continuation's, padded) go through the output projection: a few-shot context of 2,000 tokens
+    scoring a 2-token answer needs 2 rows of vocabulary logits, not 2,000."""
     model = GPTNeoX(cfg)
 
-    def score(params, tokens, targets, mask):
+    def score(params, tokens, at, targets, mask):
         hidden = model.apply({"params": params}, tokens, return_hidden=True)
-        logits = lm_head(hidden, lm_head_kernel(params), jnp.float32)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-        greedy = jnp.argmax(logits, axis=-1) == targets
-        total = jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+        picked_hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
+        logits = lm_head(picked_hidden, lm_head_kernel(params), jnp.float32)
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        logprob = target - jax.nn.logsumexp(logits, axis=-1)
+        greedy = target >= jnp.max(logits, axis=-1)  # argmax (ties count as greedy)
+        total = jnp.sum(jnp.where(mask, logprob, 0.0), axis=-1)
         return total, jnp.all(greedy | ~mask, axis=-1)
 
-    return jax.jit(score, in_shardings=(None, row, row, row))
+    return jax.jit(score, in_shardings=(None, row, row, row, row))
 
 
 class Scorer:
@@ -122,14 +125,17 @@ class Scorer:
         per_call = max(1, self.batch_tokens // length)
         n = min(bucket(len(chunk), 1), max(per_call, len(chunk)))  # few shapes, within budget
         n = -(-n // self.row_multiple) * self.row_multiple
+        span = bucket(max(cont for *_, cont in chunk), 1)
         tokens = np.zeros((n, length), np.int32)
-        targets = np.zeros((n, length), np.int32)
-        mask = np.zeros((n, length), bool)
+        at = np.zeros((n, span), np.int32)
+        targets = np.zeros((n, span), np.int32)
+        mask = np.zeros((n, span), bool)
         for r, (_, inputs, outputs, cont) in enumerate(chunk):
             tokens[r, : len(inputs)] = inputs
-            targets[r, : len(outputs)] = outputs
-            mask[r, len(outputs) - cont : len(outputs)] = True
+            at[r, :cont] = np.arange(len(outputs) - cont, len(outputs))
+            targets[r, :cont] = outputs[len(outputs) - cont :]
+            mask[r, :cont] = True
         total, greedy = jax.device_get(
-            score_fn(self.cfg, self.row_sharding)(self.params, tokens, targets, mask)
+            score_fn(self.cfg, self.row_sharding)(self.params, tokens, at, targets, mask)
         )
         return [(float(total[r]), bool(greedy[r])) for r in range(len(chunk))]
