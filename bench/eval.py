@@ -23,7 +23,7 @@ Scorer variant that applies the output projection only at the continuation's pos
 at every position (a COPA request has ~10 of ~20 positions scored; BoolQ 2 of up to 2048) and takes
 the target's logit minus the log-sum-exp instead of materialising the log-softmax, to show what
 that change to `eval/loglikelihood.py` would buy. `padded_tokens`: the tokens the Scorer's
-power-of-two length buckets (at least 16) compute, against `tokens`.
+length buckets (`length_bucket`) compute, against `tokens`.
 
 Goal (issue #15): ours >= 2x HFLM's requests/s (`goal_met`: by the median and by the fastest
 rounds). Needs ../shared/data (KoBEST and the tokenizer) and lm-eval with accelerate (HFLM imports
@@ -244,10 +244,10 @@ def main() -> None:
         dec_cfg, params, tokenizer_dir = load_from_hf(directory)
         tokenizer = load_tokenizer_dir(tokenizer_dir)
     ours = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
-    from polyglot_jax.eval.loglikelihood import bucket
+    from polyglot_jax.eval.loglikelihood import length_bucket
 
     lengths = [len(c) + len(x) - 1 for c, x in (ours.encode_request(*r.args) for r in requests)]
-    tokens, padded = sum(lengths), sum(bucket(n) for n in lengths)
+    tokens, padded = sum(lengths), sum(length_bucket(n, dec_cfg.max_len) for n in lengths)
 
     head = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
     head.scorer = continuation_head_scorer(Scorer(params, dec_cfg, batch_tokens=args.batch_tokens))
