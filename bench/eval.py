@@ -18,11 +18,7 @@ shared machine varies, and torch's threads slow down under it more than XLA's). 
 largest |difference| of the two sides' log-likelihoods and the fraction of documents where they
 choose the same answer.
 
-`continuation_head` (an experiment, not what the harness model runs): the same requests through a
-Scorer variant that applies the output projection only at the continuation's positions instead of
-at every position (a COPA request has ~10 of ~20 positions scored; BoolQ 2 of up to 2048) and takes
-the target's logit minus the log-sum-exp instead of materialising the log-softmax, to show what
-that change to `eval/loglikelihood.py` would buy. `padded_tokens`: the tokens the Scorer's
+`padded_tokens`: the tokens the Scorer's
 length buckets (`length_bucket`) compute, against `tokens`.
 
 Goal (issue #15): ours >= 2x HFLM's requests/s (`goal_met`: by the median and by the fastest
@@ -39,7 +35,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -55,7 +50,6 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
@@ -163,56 +157,6 @@ def timed(fns: dict, repeats: int) -> dict:
     return out
 
 
-# -------------------------------------------- the experiment: the head at the continuation only
-
-
-@functools.lru_cache(maxsize=32)
-def _continuation_fn(cfg, row):
-    from polyglot_jax.model import GPTNeoX, lm_head, lm_head_kernel
-
-    model = GPTNeoX(cfg)
-
-    def score(params, tokens, positions, targets, mask):
-        hidden = model.apply({"params": params}, tokens, return_hidden=True)
-        picked_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-        logits = lm_head(picked_hidden, lm_head_kernel(params), jnp.float32)
-        # No [rows, width, vocab] log-softmax: the target's logit minus the log-sum-exp; greedy
-        # when the target's logit is the maximum (argmax's answer but for exact ties).
-        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        picked = target - jax.nn.logsumexp(logits, axis=-1)
-        greedy = target >= jnp.max(logits, axis=-1)
-        return jnp.sum(jnp.where(mask, picked, 0.0), -1), jnp.all(greedy | ~mask, -1)
-
-    return jax.jit(score, in_shardings=(None, row, row, row, row))
-
-
-def continuation_head_scorer(scorer):
-    """`scorer` with `_score` replaced: logits only at the positions that predict the
-    continuation (padded to a power of two of the longest continuation in the call)."""
-    from polyglot_jax.eval.loglikelihood import bucket
-
-    def _score(chunk, length):
-        per_call = max(1, scorer.batch_tokens // length)
-        n = min(bucket(len(chunk), 1), max(per_call, len(chunk)))
-        n = -(-n // scorer.row_multiple) * scorer.row_multiple
-        width = bucket(max(cont for *_, cont in chunk), 1)
-        tokens = np.zeros((n, length), np.int32)
-        positions = np.zeros((n, width), np.int32)
-        targets = np.zeros((n, width), np.int32)
-        mask = np.zeros((n, width), bool)
-        for r, (_, inputs, outputs, cont) in enumerate(chunk):
-            tokens[r, : len(inputs)] = inputs
-            positions[r, :cont] = np.arange(len(outputs) - cont, len(outputs))
-            targets[r, :cont] = outputs[len(outputs) - cont :]
-            mask[r, :cont] = True
-        fn = _continuation_fn(scorer.cfg, scorer.row_sharding)
-        total, greedy = jax.device_get(fn(scorer.params, tokens, positions, targets, mask))
-        return [(float(total[r]), bool(greedy[r])) for r in range(len(chunk))]
-
-    scorer._score = _score
-    return scorer
-
-
 # ----------------------------------------------------------------------------------- main
 
 
@@ -231,7 +175,6 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from polyglot_jax.eval.harness import PolyglotJaxLM
-    from polyglot_jax.eval.loglikelihood import Scorer
     from polyglot_jax.generate_weights import load_from_hf, load_tokenizer_dir
 
     cfg = SIZES[args.size]
@@ -249,9 +192,6 @@ def main() -> None:
     lengths = [len(c) + len(x) - 1 for c, x in (ours.encode_request(*r.args) for r in requests)]
     tokens, padded = sum(lengths), sum(length_bucket(n, dec_cfg.max_len) for n in lengths)
 
-    head = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
-    head.scorer = continuation_head_scorer(Scorer(params, dec_cfg, batch_tokens=args.batch_tokens))
-
     def hf_call():
         with torch.inference_mode():
             return hf.loglikelihood(requests, disable_tqdm=True)
@@ -260,15 +200,13 @@ def main() -> None:
         {
             "hf": hf_call,
             "ours": lambda: ours.loglikelihood(requests, disable_tqdm=True),
-            "continuation_head": lambda: head.loglikelihood(requests, disable_tqdm=True),
         },
         args.repeats,
     )
-    theirs, mine, experiment = runs["hf"], runs["ours"], runs["continuation_head"]
+    theirs, mine = runs["hf"], runs["ours"]
     ref = np.array([ll for ll, _ in theirs.pop("results")])
     got = np.array([ll for ll, _ in mine.pop("results")])
-    exp = np.array([ll for ll, _ in experiment.pop("results")])
-    sides = (("hf", theirs), ("ours", mine), ("continuation_head", experiment))
+    sides = (("hf", theirs), ("ours", mine))
     rps = {name: len(requests) / r["wall_s"] for name, r in sides}
     best = {name: len(requests) / min(r["samples_s"]) for name, r in sides}
     result = {
@@ -292,19 +230,15 @@ def main() -> None:
         "repeats": args.repeats,
         "hf": theirs,
         "ours": mine,
-        "continuation_head": experiment,
         "requests_per_s": rps,  # median round
         "requests_per_s_best": best,  # each side's fastest (least disturbed) round
         "speedup": rps["ours"] / rps["hf"],
         "speedup_best": best["ours"] / best["hf"],
-        "continuation_head_speedup": rps["continuation_head"] / rps["hf"],
-        "continuation_head_speedup_best": best["continuation_head"] / best["hf"],
         "goal_speedup": GOAL_SPEEDUP,
         # Judged on both: on a loaded machine torch's threads suffer more than XLA's, which
         # can flatter the median ratio; the fastest rounds are the nearest to an idle machine.
         "goal_met": min(rps["ours"] / rps["hf"], best["ours"] / best["hf"]) >= GOAL_SPEEDUP,
         "max_abs_diff_vs_hf": float(np.max(np.abs(got - ref))),
-        "continuation_head_max_abs_diff_vs_hf": float(np.max(np.abs(exp - ref))),
         "same_choice_fraction": float(np.mean(
             np.argmax(got.reshape(-1, 2), 1) == np.argmax(ref.reshape(-1, 2), 1))),
     }  # fmt: skip

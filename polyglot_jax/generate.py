@@ -35,7 +35,7 @@ from tqdm import tqdm
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kv_cache import init_cache
 from polyglot_jax.model import DTYPES, GPTNeoX, ModelConfig, lm_head, lm_head_kernel
-from polyglot_jax.partitioning import row_sharding
+from polyglot_jax.partitioning import row_placement
 
 MIN_PROMPT_BUCKET = 16
 FINISH = ("length", "eos", "stop")  # finish reasons, by code
@@ -201,10 +201,7 @@ class Generator:
             params = unstack_layers(params, cfg.num_layers)
         self.params = params
         self.cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
-        if mesh is None:  # one device, nothing to shard
-            mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
-        self.mesh, self.rules = mesh, tuple(rules)
-        self.row_sharding, self.row_multiple = row_sharding(mesh, self.rules)
+        self.mesh, self.rules, self.row_sharding, self.row_multiple = row_placement(mesh, rules)
         self.batch_size = -(-batch_size // self.row_multiple) * self.row_multiple
 
     # ------------------------------------------------------------ the API

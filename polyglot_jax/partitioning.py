@@ -138,3 +138,12 @@ def row_sharding(mesh: Mesh, rules) -> tuple[NamedSharding, int]:
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0] if rules else None
     axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
     return NamedSharding(mesh, PartitionSpec(axes or None)), math.prod(mesh.shape[a] for a in axes)
+
+
+def row_placement(mesh: Mesh | None, rules) -> tuple[Mesh, tuple, NamedSharding, int]:
+    """(mesh, rules, row sharding, row multiple) for work on [rows, ...] inputs (decoding,
+    scoring); `mesh=None` is the first device alone, with no rules."""
+    if mesh is None:
+        mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
+    rules = tuple(rules)
+    return (mesh, rules, *row_sharding(mesh, rules))

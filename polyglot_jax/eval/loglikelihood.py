@@ -23,10 +23,9 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from polyglot_jax.errors import ConfigError, InputError
+from polyglot_jax.generate import bucket
 from polyglot_jax.model import GPTNeoX, ModelConfig, lm_head, lm_head_kernel
-from polyglot_jax.partitioning import row_sharding
-
-MIN_BUCKET = 16
+from polyglot_jax.partitioning import row_placement
 
 
 def length_bucket(n: int, window: int) -> int:
@@ -34,11 +33,6 @@ def length_bucket(n: int, window: int) -> int:
     COPA's waste little), of 256 above (at most 8 more shapes up to 2,048), never past `window`."""
     step = 16 if n <= 256 else 256
     return min(max(step, -(-n // step) * step), window)
-
-
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=32)
@@ -77,10 +71,8 @@ class Scorer:
     ):
         if not isinstance(batch_tokens, int) or batch_tokens < 1:
             raise ConfigError(f"batch_tokens={batch_tokens!r} must be a positive int")
-        if mesh is None:
-            mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
-        self.params, self.cfg, self.mesh, self.rules = params, cfg, mesh, tuple(rules)
-        self.row_sharding, self.row_multiple = row_sharding(mesh, self.rules)
+        self.params, self.cfg = params, cfg
+        self.mesh, self.rules, self.row_sharding, self.row_multiple = row_placement(mesh, rules)
         self.batch_tokens = batch_tokens
 
     def loglikelihood(
