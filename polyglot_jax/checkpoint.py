@@ -3,7 +3,8 @@ back outside training (init_from, generation, verification).
 
 Items of a checkpoint: `params` and `opt_state` (sharded arrays, restored onto whatever mesh the
 abstract target names, so a run can resume on another mesh shape) and `data_iter` (the grain
-iterator's state, one JSON file per process). orbax writes into a temporary directory and renames it
+iterator's state: the same on every process, since the global batch is; grain writes one JSON file
+per process and a restore reads it on any process count). orbax writes into a temporary directory and renames it
 when complete, so only finished checkpoints are visible; which steps a workdir holds is
 `workdir.finished_steps`, for every reader. A latest checkpoint that cannot be read is reported and
 the previous one is used.
@@ -248,17 +249,20 @@ class Checkpointer:
                 "params": ocp.args.StandardRestore(abstract_params),
                 "opt_state": ocp.args.StandardRestore(abstract_opt_state),
             }
-            if data_iter is not None:
-                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 with _orbax_echoes_dropped():
                     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state = None if data_iter is None else read_iterator_state(step_dir)
             except Exception as e:  # noqa: BLE001 - only unreadable files fall back; others raise
                 cause = unreadable_cause(e)  # shapes fit (checked above): the data is damaged
                 if cause is None:
                     raise
                 self._fall_back(step, cause)
                 continue
+            if data_iter is not None:
+                data_iter.set_state(state)
+                if hasattr(data_iter, "start_prefetch"):  # as grain's own restore does
+                    data_iter.start_prefetch()
             return step, restored["params"], restored["opt_state"]
         return None
 
@@ -290,6 +294,22 @@ class Checkpointer:
         with self._write_errors_named():
             self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_iterator_state(step_dir: pathlib.Path) -> dict[str, Any]:
+    """The data iterator state of a checkpoint, whichever process count saved it.
+
+    grain names its files `process_<i>-of-<n>.json`; the state is global, so this process's own
+    file is read when the process count is the same, and process 0's otherwise. Missing or garbled
+    files raise OSError / ValueError (UNREADABLE)."""
+    directory = step_dir / "data_iter"
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not own.exists():
+        saved = sorted(directory.glob("process_0-of-*.json"))
+        if not saved:
+            raise FileNotFoundError(2, "no data iterator state", str(directory))
+        own = saved[0]
+    return json.loads(own.read_text())
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:

@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from polyglot_jax.data.pipeline import default_data_config
+from polyglot_jax.distributed import distributed_settings
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.model import ModelConfig, abstract_params
 from polyglot_jax.optimizer import DECAYS
@@ -116,6 +117,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.generation_every = 0
     c.eval.generation_prompts = ("대한민국의 수도는", "옛날 옛적에 한 마을에", "오늘 날씨가")
     c.eval.generation_max_new_tokens = 64  # per prompt; prompt + this must fit config.model.max_len
+
+    # Multi-process runs (distributed.py, watchdog.py); one process ignores these.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialization_timeout_s = 300  # start-up waits this long for every process
+    # A peer silent this long is lost: every other process exits (code 3) naming it, within this
+    # plus a few seconds. JAX's own heartbeat is set to twice this, as the backstop.
+    c.distributed.heartbeat_timeout_s = 60
+    # No step finished on a process this long (after its first; checkpoints and evaluations
+    # between steps count): it exits naming the slowest processes (a peer alive but stuck). 0: off.
+    c.distributed.step_timeout_s = 1800
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data parallelism within a node/slice; -1 takes the devices left over
@@ -478,8 +489,8 @@ class Run:
 def validate_run(
     config: ml_collections.ConfigDict, num_devices: int, *, this_machine: bool = True
 ) -> Run:
-    """Every check, in one place: model, mesh and rules (`validate`), the train, data and eval
-    sections, and, with `this_machine`, the attention kernel against this backend and every data directory
+    """Every check, in one place: model, mesh and rules (`validate`), the train, data, eval and
+    distributed sections, and, with `this_machine`, the attention kernel against this backend and every data directory
     (`info` passes False: a config may describe another machine). One error naming the field."""
     from polyglot_jax.attention import check_attention_backend
 
@@ -487,6 +498,7 @@ def validate_run(
     check_train(config, model_cfg, mesh_shape)
     check_data(config, model_cfg, missing_ok=not this_machine)
     check_eval(config, model_cfg, missing_ok=not this_machine)
+    distributed_settings(config)
     if this_machine:
         check_attention_backend(model_cfg.attention_impl)
     return Run(model_cfg, mesh_shape)

@@ -29,20 +29,28 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[st
             raise ConfigError(f"config.mesh.{name}={value!r} must be a positive int or -1")
         shape[name] = value
     fill = [n for n, v in shape.items() if v == -1]
+    sizes = f"sizes multiplying to {num_devices} from {', '.join(map(str, divisors(num_devices)))}"
     if len(fill) > 1:
         raise ConfigError(f"config.mesh: only one axis may be -1, got {', '.join(fill)}")
     fixed = math.prod(v for v in shape.values() if v != -1)
     if fill:
         if num_devices % fixed:
             raise ConfigError(
-                f"config.mesh: the fixed axes (product {fixed}) do not divide the {num_devices} devices"
+                f"config.mesh: the fixed axes (product {fixed}) do not divide the {num_devices} "
+                f"devices; valid: {sizes}, one axis -1 to take the rest"
             )
         shape[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
-            f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices"
+            f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices (a layout "
+            f"must use them all); valid: {sizes}, or one axis -1 to take the rest"
         )
     return shape
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending (the sizes a mesh axis over n things can take)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def axis_size(mesh_shape: Mapping[str, int], axis: str) -> int:
@@ -76,9 +84,11 @@ def check_divisibility(
             if dim % size:
                 field, value = fields.get(logical, (f"the {logical!r} dimension", dim))
                 name = "/".join(str(getattr(k, "key", k)) for k in path)
+                fits = [d for d in divisors(dim) if d <= math.prod(mesh_shape.values())]
                 failures[logical] = (
                     f"{field}={value} is not divisible by the {' x '.join(axes)} mesh axis "
-                    f"(size {size}) that config.mesh.rules give {logical!r} (parameter {name})"
+                    f"(size {size}) that config.mesh.rules give {logical!r} (parameter {name}); "
+                    f"sizes that divide it: {', '.join(map(str, fits))}"
                 )
     for logical in [*fields, *failures]:  # in the order `fields` names them
         if logical in failures:
@@ -88,17 +98,27 @@ def check_divisibility(
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over ('data', 'fsdp', 'model') with Auto axis types (classic GSPMD propagation).
 
-    Across nodes (dcn_* > 1) devices are laid out so that the slow network carries only the dcn part.
+    Across nodes (dcn_* > 1) devices are laid out so that the slow network carries only the dcn
+    part: on TPU slices by `mesh_utils.create_hybrid_device_mesh`; elsewhere (GPU nodes, which
+    have no slice index) the devices, ordered by process, are cut into consecutive groups of
+    data x fsdp x model devices, one per node, and each axis is its dcn part (across groups)
+    outside its ici part. That takes a node's processes to be consecutive, as SLURM's default
+    block distribution and `launch/` number them.
     """
     devices = list(jax.devices() if devices is None else devices)
     ici = tuple(mesh_shape[a] for a in MESH_AXES)
     dcn = tuple(mesh_shape[a] for a in DCN_AXES)
-    if math.prod(dcn) > 1:
+    if math.prod(dcn) > 1 and all(hasattr(d, "slice_index") for d in devices):
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devices, allow_split_physical_axes=True
         )
+    elif math.prod(dcn) > 1:
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        grid = np.asarray(ordered).reshape(dcn + ici)
+        grid = grid.transpose([i for axis in range(3) for i in (axis, axis + 3)])
+        grid = grid.reshape([d * i for d, i in zip(dcn, ici, strict=True)])
     else:
         grid = np.asarray(devices).reshape(ici)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -147,3 +167,29 @@ def row_placement(mesh: Mesh | None, rules) -> tuple[Mesh, tuple, NamedSharding,
         mesh, rules = Mesh(np.asarray(jax.devices()[:1]), ("data",)), ()
     rules = tuple(rules)
     return (mesh, rules, *row_sharding(mesh, rules))
+
+
+def process_row_block(sharding: jax.sharding.Sharding, rows: int) -> tuple[int, int]:
+    """(i, n): the devices of this process hold exactly block i of n equal blocks of rows of a
+    `[rows, ...]` array laid out by `sharding` (n = 1 when every process holds all rows).
+
+    The input pipeline yields that block of each global batch, so a process builds only the rows
+    its devices take, whatever the mesh. A layout whose rows on a process are not one such block
+    (possible only with a hand-made device order) is a ConfigError rather than a wrong batch."""
+    spans = sorted(
+        {
+            (index[0].start or 0, rows if index[0].stop is None else index[0].stop)
+            for index in sharding.addressable_devices_indices_map((rows,)).values()
+        }
+    )
+    lo, hi, gap = spans[0][0], spans[0][1], False
+    for start, stop in spans[1:]:
+        gap |= start > hi
+        hi = max(hi, stop)
+    size = hi - lo
+    if gap or rows % size or lo % size:
+        raise ConfigError(
+            f"the batch rows on process {jax.process_index()} ({spans}) are not one of equal "
+            "blocks of the global batch: order the mesh's devices by process"
+        )
+    return lo // size, rows // size

@@ -42,6 +42,7 @@ from polyglot_jax.data.batch import Batch, LocalBatch
 from polyglot_jax.data.eval_data import make_eval_dataset
 from polyglot_jax.data.holdout import holdout_for
 from polyglot_jax.data.pipeline import make_pipeline
+from polyglot_jax.distributed import distributed_settings
 from polyglot_jax.errors import ConfigError, PolyglotError
 from polyglot_jax.eval.monitor import GenerationMonitor
 from polyglot_jax.hooks import (
@@ -61,8 +62,10 @@ from polyglot_jax.partitioning import (
     batch_sharding,
     logical_shardings,
     make_mesh,
+    process_row_block,
     rules_from_config,
 )
+from polyglot_jax.watchdog import PeerWatchdog
 
 
 class NonFiniteLoss(PolyglotError):
@@ -107,6 +110,7 @@ class StepFunctions:
     abstract_params: Any
     abstract_opt: Any
     batch_sharding: NamedSharding
+    batch_size: int  # global rows of a batch (config.train.batch_size)
 
 
 def build_step(
@@ -204,14 +208,30 @@ def build_step(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_shardings
         ),
         batch_sharding=data_sharding,
+        batch_size=t.batch_size,
     )
 
 
-def make_global_batch(batch: Batch, sharding: jax.sharding.Sharding) -> Batch:
-    """This process's rows (numpy, from the pipeline) as global `jax.Array`s [global_batch, ...]
-    laid out by `sharding` (`StepFunctions.batch_sharding`, e.g. `NamedSharding(mesh,
-    P(("data", "fsdp")))`)."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+def make_global_batch(
+    batch: Batch, sharding: jax.sharding.Sharding, global_rows: int | None = None
+) -> Batch:
+    """This process's block of rows (numpy, from the pipeline: the block that
+    `partitioning.process_row_block(sharding, global_rows)` names) as global `jax.Array`s
+    [global_rows, ...] laid out by `sharding` (`StepFunctions.batch_sharding`, e.g.
+    `NamedSharding(mesh, P(("data", "fsdp")))`). `global_rows` defaults to the local rows times
+    the process count (each process one block)."""
+    local_rows = batch.tokens.shape[0]
+    global_rows = local_rows * jax.process_count() if global_rows is None else global_rows
+    _, blocks = process_row_block(sharding, global_rows)
+    if global_rows // blocks != local_rows:
+        raise ConfigError(
+            f"this process has {local_rows} rows of the global batch of {global_rows}; its "
+            f"devices hold {global_rows // blocks}"
+        )
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:])),
+        batch,
+    )
 
 
 class PreemptionGuard:
@@ -291,20 +311,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     """Trains until `config.train.steps`, resuming from `workdir/checkpoints/` when it holds any.
 
     Everything is validated before the workdir is touched; process 0 holds `workdir/.lock` for the
-    whole run. Returns the last logged metrics (`preempted: True` when a signal stopped the run
+    whole run; with several processes, a lost peer ends it (watchdog.py). Returns the last logged metrics (`preempted: True` when a signal stopped the run
     early, `nothing_to_do: True` when the checkpoint already reached `steps`).
     """
     workdir = pathlib.Path(workdir)
     run = validate_run(config, jax.device_count())
+    settings = distributed_settings(config)
     model_cfg, mesh_shape = run.model, run.mesh_shape
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
     created = not workdir.exists()
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    with wd.locked(workdir) if is_main else contextlib.nullcontext():
+    with (
+        wd.locked(workdir) if is_main else contextlib.nullcontext(),
+        PeerWatchdog(settings) as watch,
+    ):
         try:
-            return _start(config, model_cfg, mesh_shape, workdir)
+            return _start(config, model_cfg, mesh_shape, workdir, watch)
         except BaseException:
             # A run that failed before its first step leaves no trace in a workdir it created.
             if created and is_main and not (workdir / wd.CONFIG).exists():
@@ -312,18 +336,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             raise
 
 
-def _start(config, model_cfg, mesh_shape, workdir):
+def _start(config, model_cfg, mesh_shape, workdir, watch):
     t = config.train
     rules = rules_from_config(config.mesh.rules)
     mesh = make_mesh(mesh_shape)
     steps_on_disk = Checkpointer.steps_in(workdir)
     restore_data = check_resume(config, workdir, bool(steps_on_disk))
+    # The global batch is the same on every layout; this process builds the block of its devices.
+    block, blocks = process_row_block(batch_sharding(mesh, rules), t.batch_size)
     data_iter = make_pipeline(
         config.data,
         seq_len=t.seq_len,
         global_batch_size=t.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=block,
+        process_count=blocks,
         holdout=holdout_for(config.get("eval"), "train"),
     )
     eval_data = None
@@ -333,8 +359,8 @@ def _start(config, model_cfg, mesh_shape, workdir):
             config.eval,
             seq_len=t.seq_len,
             global_batch_size=t.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=block,
+            process_count=blocks,
         )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         fns = build_step(config, model_cfg, mesh, rules)
@@ -371,7 +397,7 @@ def _start(config, model_cfg, mesh_shape, workdir):
             opt_state = fns.init_opt(params)
         if jax.process_index() == 0:
             wd.record_start(config, workdir, start)  # only now: the run really starts
-        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter, eval_data, mesh, rules)
+        run = _Run(config, model_cfg, workdir, fns, ckpt, data_iter, eval_data, mesh, rules, watch)
         return _loop(run, TrainState(params, opt_state), start)
 
 
@@ -388,6 +414,7 @@ class _Run:
     eval_data: Any = None  # the held-out rows' dataset (None: no evaluation)
     mesh: Any = None
     rules: Any = ()
+    watch: PeerWatchdog | None = None  # told of every finished step
 
 
 def _generation_monitor(run: _Run) -> GenerationMonitor:
@@ -445,6 +472,8 @@ def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
             cleanup.callback(hook.close)
         for step in range(start + 1, t.steps + 1):
             state, metrics = _train_step(run.fns, state, next(run.data_iter))
+            if run.watch is not None:
+                run.watch.step_done(step)
             _apply_nan_policy(t.nan_policy, step, metrics, run.ckpt)
             for hook in hooks:
                 hook(step, state, metrics)
@@ -486,7 +515,9 @@ class HeldOut:
     def __call__(self, params: Any) -> tuple[float, float]:
         """(token-weighted mean cross entropy, number of targets that counted)."""
         sums = [
-            self.fns.eval_step(params, make_global_batch(rows, self.fns.batch_sharding))
+            self.fns.eval_step(
+                params, make_global_batch(rows, self.fns.batch_sharding, self.fns.batch_size)
+            )
             for rows in self.rows()
         ]
         sums = jax.device_get(sums)
@@ -510,7 +541,7 @@ def _eval_batches(iterator: Any, count: int) -> list[Batch]:
 
 def _train_step(fns: StepFunctions, state: TrainState, local: LocalBatch):
     """One optimizer step on the next batch: the new state and the step's metrics on the host."""
-    batch = make_global_batch(local.batch, fns.batch_sharding)
+    batch = make_global_batch(local.batch, fns.batch_sharding, fns.batch_size)
     params, opt_state, metrics = fns.train_step(state.params, state.opt_state, batch)
     return TrainState(params, opt_state), {**jax.device_get(metrics), "epoch": float(local.epoch)}
 

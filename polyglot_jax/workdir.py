@@ -82,6 +82,7 @@ RESUMABLE = (
     "model.attention_impl",
     "model.remat_policy",
     "mesh.",  # every mesh field: restoring reshards onto the new mesh
+    "distributed.",  # timeouts of a multi-process run: the global batch is the same on any layout
 )
 SHAPE_FIELDS = (
     "model.vocab_size",

@@ -104,18 +104,24 @@ def _tiny(**model):
         (
             {"model__d_ff": 250, "mesh__model": 4, "mesh__data": 2},
             8,
-            r"config\.model\.d_ff=250 .*model",
+            r"config\.model\.d_ff=250 .*model.*sizes that divide it: 1, 2, 5$",
         ),
         (
             {"model__d_model": 68, "model__rotary_dim": 8, "mesh__fsdp": 8, "mesh__data": 1},
             8,
             r"d_model=68 .*fsdp",
         ),
-        ({"mesh__data": 3}, 8, r"config\.mesh: axes multiply to 3 but there are 8 devices"),
+        (
+            {"mesh__data": 3},
+            8,
+            r"config\.mesh: axes multiply to 3 but there are 8 devices \(a layout must use them "
+            r"all\); valid: sizes multiplying to 8 from 1, 2, 4, 8, or one axis -1",
+        ),
         (
             {"mesh__model": 3},
             8,
-            r"config\.mesh: the fixed axes \(product 3\) do not divide the 8 devices",
+            r"config\.mesh: the fixed axes \(product 3\) do not divide the 8 devices; valid: "
+            r"sizes multiplying to 8 from 1, 2, 4, 8",
         ),
         ({"mesh__fsdp": -1}, 8, r"config\.mesh: only one axis may be -1"),
         ({"mesh__model": 0}, 8, r"config\.mesh\.model=0 must be a positive int or -1"),

@@ -1,7 +1,7 @@
-"""grain input pipeline: tokenized shards -> shuffled records -> sequences -> per-process batches.
+"""grain input pipeline: tokenized shards -> shuffled records -> sequences -> global batches.
 
     it = make_pipeline(config.data, seq_len=2048, global_batch_size=1024)
-    local = next(it)               # a LocalBatch (batch.py): numpy, this process's rows only
+    local = next(it)               # a LocalBatch (batch.py): numpy, this process's block of rows
     batch = train.make_global_batch(local.batch, NamedSharding(mesh, P(("data", "fsdp"))))
 
 `next(it)` gives a `LocalBatch`: `.batch`, a `Batch` of `tokens` (int32 [local_batch,
@@ -10,20 +10,30 @@ seq_len + 1]) and, in packed mode, `segment_ids` and `positions` (int32, same sh
 its data) and `.epochs` (float64 [num_corpora], each corpus's own). `local_batch =
 global_batch_size // process_count`.
 
-An epoch is counted in records of this process's share: a record counts once all its tokens are
-in rows, a partly used one by the fraction of its tokens that are (the one a window stops in), a
-record read but not placed not at all. The value is exact at each window's end (a window of one
-epoch's data reports exactly 1.0, in both modes) and interpolated over the window's rows in between.
+**The global batch of step s is a function of the data, the settings and s alone**, never of the
+number of processes: every process builds the same windows of rows from all records, and yields
+block `process_index` of `process_count` equal blocks of rows of each global batch (the trainer
+picks the block its devices hold; 1 of 1 is the whole batch). The iterator state is global too, so
+a run resumes on any number of processes and every trajectory is the same on every layout. Each
+process reads every record: at pretraining rates that is a few MB per step (2M tokens of a
+1024 x 2048 batch, 8 MB as int32), far below what a host reads or decodes, and it is what lets
+packing place documents over the whole window.
 
-Stages (each JAX process reads only its share):
+An epoch is counted in records: a record counts once all its tokens are in rows, a partly used
+one by the fraction of its tokens that are (the one a window stops in), a record read but not
+placed not at all. The value is exact at each window's end (a window of one epoch's data reports
+exactly 1.0, in both modes) and interpolated over the window's rows in between; every process
+reports the same value.
+
+Stages:
 1. Records of each tokenized directory (`records.py`: blocks of whole documents) are a grain
    `MapDataset` over ArrayRecord; with a `Holdout` each record keeps only the document pieces of
-   its side (below); this process keeps records `process_index::process_count`; `shuffle`
-   permutes them with a seed per corpus, differently in every epoch (`repeat`).
+   its side (below); `shuffle` permutes them with a seed per corpus, differently in every epoch
+   (`repeat`).
 2. Corpora are mixed record by record with `MapDataset.mix`; config weights are shares of
    *tokens*, turned into record proportions with each corpus's mean record size.
 3. Rows of `seq_len + 1` tokens are built a window of `shuffle_buffer` rows at a time (rounded up
-   to a multiple of the local batch) and, with `shuffle`, emitted in a seeded random order:
+   to a multiple of the global batch) and, with `shuffle`, emitted in a seeded random order:
    - 'concat': contiguous, disjoint chunks of the token stream (documents joined by their eos).
      GPT-NeoX, which trained Polyglot-Ko, overlaps consecutive rows by one token (row i is stream
      tokens [i*seq_len, (i+1)*seq_len]); here row i is [i*(seq_len+1), (i+1)*(seq_len+1)), so
@@ -31,7 +41,8 @@ Stages (each JAX process reads only its share):
    - 'packed': whole documents placed first-fit into the window's rows (`packing.py`), with
      segment ids and positions per document piece.
    The loss mask of the rows is `batch.loss_mask` (no loss across a piece start or on padding).
-4. Batches of consecutive rows; a thread prepares `prefetch` batches ahead.
+4. Global batches of consecutive rows, of which this process keeps its block; a thread prepares
+   `prefetch` batches ahead.
 
 Held-out documents (`config.eval.holdout_fraction`): `holdout.py` decides, record by record,
 which document pieces a side keeps, before rows are built.
@@ -39,8 +50,9 @@ which document pieces a side keeps, before rows are built.
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON dict (where the current
 window starts in the record stream, and how many of its rows were emitted), so
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` work inside an orbax checkpoint and
-a restored iterator produces exactly the next batch. The state belongs to one process index and
-count and to the same data and settings; `set_state` raises ConfigError otherwise.
+a restored iterator produces exactly the next batch. The state is the same on every process and
+fits any process count; it belongs to the same data and settings (`set_state` raises ConfigError
+otherwise). States saved before it was global (version 1) resume when one process saved them.
 """
 
 from __future__ import annotations
@@ -74,7 +86,7 @@ from polyglot_jax.data.records import (
 from polyglot_jax.errors import ConfigError
 
 MODES = ("concat", "packed")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: global (1 also named a process index and count)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -130,7 +142,6 @@ class _WindowBuilder:
         row_len,
         shuffle,
         seed,
-        process_index,
         corpora,
         shares=None,
         holdout=None,
@@ -142,7 +153,6 @@ class _WindowBuilder:
         self.row_len = row_len
         self.shuffle = shuffle
         self.seed = seed
-        self.process_index = process_index
         self.num_corpora = corpora
         self.shares, self.holdout, self.directories = shares, holdout, directories
         # Per corpus, the first and last index (in its repeated share) of the empty records read
@@ -187,7 +197,9 @@ class _WindowBuilder:
         else:
             rows, end, partial = self._packed(start, first, consumed)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.process_index, window_index])
+            # (The 0 stood for the process index when each process built its own windows: kept,
+            # so that runs and states from then are the same rows now.)
+            rng = np.random.default_rng([self.seed, 0, window_index])
             order = rng.permutation(self.rows)
         else:
             order = np.arange(self.rows)
@@ -247,9 +259,10 @@ class _SequenceIterator(grain.DatasetIterator):
         if self._window is None:
             self._window = self._builder.build(self._start, self._window_index)
         window = self._window
-        rows = window.order[self._row : self._row + ds.local_batch]
-        batch = jax.tree.map(lambda v: v[rows], window.rows)
-        self._row += ds.local_batch
+        rows = window.order[self._row : self._row + ds.global_batch]
+        block = rows[ds.process_index * ds.local_batch : (ds.process_index + 1) * ds.local_batch]
+        batch = jax.tree.map(lambda v: v[block], window.rows)
+        self._row += ds.global_batch
         # Rows leave a window in shuffled order, so within one the progress is interpolated;
         # at its end it is the exact count (not a + (b - a), which can miss b by an ulp).
         if self._row == ds.window_rows:
@@ -267,8 +280,6 @@ class _SequenceIterator(grain.DatasetIterator):
         return {
             "version": _STATE_VERSION,
             "fingerprint": self._ds.fingerprint,
-            "process_index": self._ds.process_index,
-            "process_count": self._ds.process_count,
             "window": self._window_index,
             "record": self._start.record,
             "offset": self._start.offset,
@@ -278,13 +289,17 @@ class _SequenceIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         ds = self._ds
-        where = (state.get("process_index"), state.get("process_count"))
-        if where != (ds.process_index, ds.process_count):
+        if state.get("version") == 1 and state.get("process_count") != 1:
             raise ConfigError(
-                f"data iterator state is for process {where[0]} of {where[1]}, this is "
-                f"{ds.process_index} of {ds.process_count}"
+                f"data iterator state was saved by process {state.get('process_index')} of "
+                f"{state.get('process_count')} before the global batch was the same on every "
+                "layout; it cannot resume this pipeline (resume on that many processes with the "
+                "release that saved it, or start the data over with a new --workdir)"
             )
-        if state.get("version") != _STATE_VERSION or state.get("fingerprint") != ds.fingerprint:
+        if (
+            state.get("version") not in (1, _STATE_VERSION)
+            or state.get("fingerprint") != ds.fingerprint
+        ):
             raise ConfigError(
                 "data iterator state was saved with other data or config.data/seq_len/batch "
                 "settings; it cannot resume this pipeline"
@@ -298,7 +313,8 @@ class _SequenceIterator(grain.DatasetIterator):
 
 
 class SequenceDataset(grain.IterDataset):
-    """Rows of `row_len` tokens in batches of `local_batch`, from a `record_stream`."""
+    """Rows of `row_len` tokens in global batches of `global_batch`, from a `record_stream`;
+    yields block `process_index` (of `process_count` blocks of `local_batch` rows) of each."""
 
     def __init__(
         self,
@@ -307,7 +323,7 @@ class SequenceDataset(grain.IterDataset):
         shares: Sequence[int],
         mode: str,
         row_len: int,
-        local_batch: int,
+        global_batch: int,
         window_rows: int,
         shuffle: bool,
         seed: int,
@@ -322,7 +338,8 @@ class SequenceDataset(grain.IterDataset):
         self.shares = tuple(shares)
         self.mode = mode
         self.row_len = row_len
-        self.local_batch = local_batch
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
         self.window_rows = window_rows
         self.shuffle = shuffle
         self.seed = seed
@@ -340,7 +357,6 @@ class SequenceDataset(grain.IterDataset):
             row_len=self.row_len,
             shuffle=self.shuffle,
             seed=self.seed,
-            process_index=self.process_index,
             corpora=len(self.shares),
             shares=self.shares,
             holdout=self.holdout,
@@ -366,8 +382,10 @@ def make_dataset(
 ) -> grain.IterDataset:
     """The pipeline as a grain `IterDataset` (see the module docstring); `make_pipeline` iterates it.
 
-    `seed` defaults to `data_config.seed`; `process_index` / `process_count` (which share of the
-    data this process reads) default to `jax.process_index()` / `jax.process_count()`; `holdout`
+    `seed` defaults to `data_config.seed`; `process_index` / `process_count` (which block of rows
+    of every global batch this iterator yields: block i of n equal blocks) default to
+    `jax.process_index()` / `jax.process_count()` (the trainer passes the block its devices hold);
+    the batches themselves do not depend on them. `holdout`
     (None: every document) keeps one side of a hold-out (`holdout_for(config.eval, side)`)."""
     mode = data_config.get("mode", "concat")
     if mode not in MODES:
@@ -381,25 +399,20 @@ def make_dataset(
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ConfigError(
             f"global batch size {global_batch_size} is not a positive multiple of the "
-            f"{process_count} data-loading processes"
+            f"{process_count} blocks of rows asked for"
         )
     seed = data_config.get("seed", 0) if seed is None else seed
-    local_batch = global_batch_size // process_count
     shuffle = bool(data_config.get("shuffle", True))
     buffer = int(data_config.get("shuffle_buffer", 1024))
-    window_rows = -(-max(buffer, local_batch) // local_batch) * local_batch
+    window_rows = -(-max(buffer, global_batch_size) // global_batch_size) * global_batch_size
 
     corpora = []
     directories = tokenized_directories(data_config)
     for directory in directories:
         manifest = read_manifest(directory)
-        share = len(range(process_index, manifest["records"], process_count))
-        if share == 0:
-            raise ConfigError(
-                f"{directory}: {manifest['records']} records cannot be shared by "
-                f"{process_count} processes"
-            )
-        corpora.append(Corpus(directory, manifest, share))
+        if manifest["records"] == 0:
+            raise ConfigError(f"{directory}: holds no records")
+        corpora.append(Corpus(directory, manifest, manifest["records"]))
     hashes = {c.manifest.get("tokenizer_sha256") for c in corpora}
     if len(hashes) > 1:
         raise ConfigError("config.data.shards were tokenized with different tokenizers")
@@ -409,8 +422,6 @@ def make_dataset(
         weights,
         seed=seed,
         shuffle=shuffle,
-        process_index=process_index,
-        process_count=process_count,
         holdout=holdout,
     )
     identity = {
@@ -421,7 +432,8 @@ def make_dataset(
         "weights": weights,
         "mode": mode,
         "row_len": seq_len + 1,
-        "local_batch": local_batch,
+        # (Named when it was per process; 1-process states from then keep their fingerprint.)
+        "local_batch": global_batch_size,
         "window_rows": window_rows,
         "shuffle": shuffle,
         "seed": seed,
@@ -434,7 +446,7 @@ def make_dataset(
         shares=[c.share for c in corpora],
         mode=mode,
         row_len=seq_len + 1,
-        local_batch=local_batch,
+        global_batch=global_batch_size,
         window_rows=window_rows,
         shuffle=shuffle,
         seed=seed,

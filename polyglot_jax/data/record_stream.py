@@ -1,5 +1,5 @@
-"""The stream of records a pipeline reads: each corpus's tokenized shards (`records.py`), this
-process's share of them, shuffled with a seed per corpus and epoch, the held-out documents of
+"""The stream of records a pipeline reads: each corpus's tokenized shards (`records.py`), all of
+them on every process, shuffled with a seed per corpus and epoch, the held-out documents of
 `config.eval` filtered out (or kept, for evaluation; `holdout.py`), corpora mixed record by record
 in proportions derived from their token weights."""
 
@@ -25,11 +25,11 @@ BUILTIN = "builtin"  # a `shards` entry naming the built-in Korean sample (data/
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """One tokenized directory as this process sees it."""
+    """One tokenized directory of a pipeline."""
 
     directory: str
     manifest: dict
-    share: int  # records in this process's share
+    share: int  # records it gives each epoch (all of its records)
 
 
 def tokenized_directories(data_config: ml_collections.ConfigDict) -> list[str]:
@@ -70,7 +70,7 @@ def _corpus_seed(seed: int, index: int) -> int:
 
 
 class _Tag:
-    """(corpus, index in this process's repeated share, record bytes): the index gives the epoch."""
+    """(corpus, index in its repeated share, record bytes): the index gives the epoch."""
 
     def __init__(self, corpus: int):
         self.corpus = corpus
@@ -116,8 +116,6 @@ def record_stream(
     *,
     seed: int,
     shuffle: bool,
-    process_index: int,
-    process_count: int,
     holdout: Holdout | None = None,
 ) -> grain.MapDataset:
     """Infinite `MapDataset` of (corpus, index_in_share, record bytes), mixed by `record_weights`;
@@ -127,7 +125,7 @@ def record_stream(
         source = _ShardSource(corpus.directory, corpus.manifest)
         if holdout is not None:
             source = HoldoutSource(source, holdout)
-        ds = grain.MapDataset.source(source)[process_index::process_count]
+        ds = grain.MapDataset.source(source)
         if shuffle:
             ds = ds.shuffle(seed=_corpus_seed(seed, c))
         parts.append(ds.repeat().map_with_index(_Tag(c)))
@@ -139,5 +137,5 @@ def record_stream(
 def no_documents_error(holdout: Holdout, directories: Sequence[str]) -> ConfigError:
     return ConfigError(
         f"config.eval.holdout_fraction={holdout.fraction!r} (holdout_seed={holdout.seed}) leaves "
-        f"no {holdout.side} documents in this process's share of {', '.join(directories)}"
+        f"no {holdout.side} documents in {', '.join(directories)}"
     )

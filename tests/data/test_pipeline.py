@@ -125,31 +125,20 @@ def mixed(tmp_path_factory):
     return root, docs
 
 
-def test_record_stream_shuffles_every_epoch_and_shares_disjointly(small):
+def test_record_stream_shuffles_every_epoch(small):
     root, _ = small
     manifest = read_manifest(root)
     total = manifest["records"]
-    seen = []
-    for p in range(2):
-        share = len(range(p, total, 2))
-        corpus = Corpus(str(root), manifest, share)
-        ds = record_stream([corpus], [1.0], seed=3, shuffle=True, process_index=p, process_count=2)
-        epoch0 = [ds[i] for i in range(share)]
-        epoch1 = [ds[i] for i in range(share, 2 * share)]
-        assert [e[1] for e in epoch0] == list(range(share))  # index within the share: the epoch
-        assert sorted(e[2] for e in epoch0) == sorted(e[2] for e in epoch1)
-        assert [e[2] for e in epoch0] != [e[2] for e in epoch1]  # reshuffled
-        seen.append({e[2] for e in epoch0})
-    assert not seen[0] & seen[1]
-    unshuffled = record_stream(
-        [Corpus(str(root), manifest, total)],
-        [1.0],
-        seed=3,
-        shuffle=False,
-        process_index=0,
-        process_count=1,
-    )
-    assert seen[0] | seen[1] == {unshuffled[i][2] for i in range(total)}
+    corpus = Corpus(str(root), manifest, total)
+    ds = record_stream([corpus], [1.0], seed=3, shuffle=True)
+    epoch0 = [ds[i] for i in range(total)]
+    epoch1 = [ds[i] for i in range(total, 2 * total)]
+    assert [e[1] for e in epoch0] == list(range(total))  # index within the share: the epoch
+    assert sorted(e[2] for e in epoch0) == sorted(e[2] for e in epoch1)
+    assert [e[2] for e in epoch0] != [e[2] for e in epoch1]  # reshuffled
+    unshuffled = record_stream([corpus], [1.0], seed=3, shuffle=False)
+    assert {e[2] for e in epoch0} == {unshuffled[i][2] for i in range(total)}
+    assert len({e[2] for e in epoch0}) == total  # every record once per epoch
 
 
 def test_concat_rows_are_the_token_stream(small):
@@ -187,8 +176,6 @@ def test_concat_shuffled_rows_are_chunks_of_the_record_stream(small):
         [1.0],
         seed=5,
         shuffle=True,
-        process_index=0,
-        process_count=1,
     )
     stream = np.concatenate([decode_record(records[i][2])[0] for i in range(60)])
     chunks = stream[: 3 * rows_per_window * row_len].reshape(3, rows_per_window, row_len)
@@ -284,8 +271,6 @@ def test_packed_windows_cover_the_record_stream_exactly_once(mixed):
         [1.0],
         seed=1,
         shuffle=True,
-        process_index=0,
-        process_count=1,
     )
     prefix = [decode_record(records[i][2])[0] for i in range(state["record"] + 1)]
     prefix[-1] = prefix[-1][: state["offset"]]
@@ -336,20 +321,36 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path, mixed):
 
 def test_state_of_other_settings_is_refused(small):
     root, _ = small
-    it = make_pipeline(
-        config(root), seq_len=32, global_batch_size=8, process_index=0, process_count=2
-    )
+    it = make_pipeline(config(root), seq_len=32, global_batch_size=8, process_count=1)
     state = it.get_state()
     other = make_pipeline(
         config(root), seq_len=16, global_batch_size=8, process_index=0, process_count=2
     )
     with pytest.raises(ConfigError, match="other data or config"):
         other.set_state(state)
-    elsewhere = make_pipeline(
-        config(root), seq_len=32, global_batch_size=8, process_index=1, process_count=2
-    )
-    with pytest.raises(ConfigError, match="process 0 of 2"):
+    # The state is global: it resumes any block of the same global batches...
+    take(it, 3)
+    state, want = it.get_state(), next(it).batch.tokens
+    for index, count in ((0, 1), (1, 2), (3, 4)):
+        elsewhere = make_pipeline(
+            config(root), seq_len=32, global_batch_size=8, process_index=index,
+            process_count=count,
+        )  # fmt: skip
         elsewhere.set_state(state)
+        rows = 8 // count
+        np.testing.assert_array_equal(
+            next(elsewhere).batch.tokens, want[index * rows : (index + 1) * rows]
+        )
+    # ...but one saved per process, before it was global, only when one process saved it.
+    old = {k: v for k, v in state.items()} | {"version": 1, "process_index": 0}
+    for count, fits in ((1, True), (2, False)):
+        fresh = make_pipeline(config(root), seq_len=32, global_batch_size=8, process_count=1)
+        if fits:
+            fresh.set_state(old | {"process_count": count})
+            np.testing.assert_array_equal(next(fresh).batch.tokens, want)
+        else:
+            with pytest.raises(ConfigError, match="saved by process 0 of 2 before"):
+                fresh.set_state(old | {"process_count": count})
 
 
 def test_epoch_tracks_the_tokens_read(small):
@@ -400,22 +401,30 @@ def test_weighted_mixture(tmp_path):
                       global_batch_size=8, process_index=0, process_count=1)  # fmt: skip
 
 
-def test_processes_read_disjoint_shares(small):
+@pytest.mark.parametrize("mode", ["concat", "packed"])
+def test_blocks_of_processes_are_the_one_global_batch(small, mode):
+    """Any number of processes yields, block by block, exactly the batches of one process, with
+    the same epochs: the global batch of step s does not depend on the process count."""
     root, docs = small
-    seen = []
-    for p in range(2):
-        it = make_pipeline(
-            config(root, shuffle=True, shuffle_buffer=8), seq_len=32, global_batch_size=16,
-            process_index=p, process_count=2,
-        )  # fmt: skip
-        batches = []
-        while not batches or batches[-1].epoch < 1.0:  # every record of the share started
-            batches.append(next(it))
-        batches += take(it, 2)  # and the last one finished
-        tokens = np.concatenate([b.batch.tokens.ravel() for b in batches])
-        seen.append(set(doc_of(tokens[tokens != EOS]).tolist()))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(len(docs)))
+    cfg = config(root, mode=mode, shuffle=True, shuffle_buffer=24)
+    alone = take(make_pipeline(cfg, seq_len=32, global_batch_size=16, process_count=1), 12)
+    for count in (2, 4, 8):
+        blocks = [
+            take(
+                make_pipeline(
+                    cfg, seq_len=32, global_batch_size=16, process_index=i, process_count=count
+                ),
+                12,
+            )  # fmt: skip
+            for i in range(count)
+        ]
+        for step, whole in enumerate(alone):
+            parts = [b[step] for b in blocks]
+            for name, value in fields(whole.batch).items():
+                got = np.concatenate([fields(part.batch)[name] for part in parts])
+                np.testing.assert_array_equal(got, value, err_msg=f"{name} step {step}")
+            for part in parts:
+                np.testing.assert_array_equal(part.epochs, whole.epochs)
 
 
 def test_bad_configs(small):
@@ -525,14 +534,11 @@ def test_two_processes_build_one_global_batch(small, tmp_path):
     both = np.concatenate([r["local"] for r in results])
     for r in results:
         np.testing.assert_array_equal(r["gathered"], both)
-    # Each process read its own share, the same rows a single process computes for that index.
-    for i, r in enumerate(results):
-        alone = make_pipeline(
-            config(root, mode="packed"), seq_len=16, global_batch_size=16, process_index=i,
-            process_count=2,
-        )  # fmt: skip
-        np.testing.assert_array_equal(next(alone).batch.tokens, r["local"])
-    assert not set(doc_of(both[:8][both[:8] > 1])) & set(doc_of(both[8:][both[8:] > 1]))
+    # The two blocks are the global batch that a single process computes.
+    alone = make_pipeline(
+        config(root, mode="packed"), seq_len=16, global_batch_size=16, process_count=1
+    )
+    np.testing.assert_array_equal(next(alone).batch.tokens, both)
 
 
 def test_builtin_corpus_texts():
@@ -684,11 +690,13 @@ def test_epochs_at_window_ends_count_the_tokens_placed(tmp_path, mode):
     b = write_unique_corpus(
         tmp_path / "b", rng.integers(1, 60, 150).tolist(), first_id=100_000, block_tokens=200
     )
-    shares = np.array([len(range(1, len(a), 2)), len(range(1, len(b), 2))])
+    shares = np.array([len(a), len(b)])
     # One batch per window, so every batch ends a window and its epochs are exact.
     cfg = config(tmp_path / "a", tmp_path / "b", mode=mode, weights=(3.0, 1.0), shuffle_buffer=8)
-    kwargs = dict(seq_len=32, global_batch_size=16, process_index=1, process_count=2)
+    kwargs = dict(seq_len=32, global_batch_size=16, process_index=0, process_count=1)
     it = make_pipeline(cfg, **kwargs)
+    # A process's block reports the same (global) epochs.
+    block = make_pipeline(cfg, seq_len=32, global_batch_size=16, process_index=1, process_count=2)
     reference = RecordsUsed([a, b])
     fractional = 0
     for step in range(1, 200):
@@ -701,6 +709,7 @@ def test_epochs_at_window_ends_count_the_tokens_placed(tmp_path, mode):
         want = reference.used() / shares
         np.testing.assert_allclose(batch.epochs, want, rtol=1e-12, atol=0)
         assert batch.epoch == batch.epochs.max()
+        np.testing.assert_array_equal(next(block).epochs, batch.epochs)
         fractional += bool(np.any(np.abs(want * shares - np.round(want * shares)) > 1e-9))
     assert batch.epoch > 2.0
     assert fractional > 100  # most windows end inside a record

@@ -1,0 +1,139 @@
+"""The peer watchdog against an in-memory key-value store standing in for the runtime's.
+
+The real store, real processes and a real kill are in test_multiprocess.py; here each way a peer
+can be lost is checked against the time it must be named within."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from polyglot_jax.distributed import DistributedSettings
+from polyglot_jax.watchdog import EXIT_CODE, PREFIX, PeerWatchdog
+
+
+class Store:
+    """The two calls of the runtime client the watchdog uses; `down` makes every call fail."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+        self.down = False
+        self.lock = threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: coordinator gone")
+        with self.lock:
+            assert allow_overwrite or key not in self.values
+            self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: coordinator gone")
+        with self.lock:
+            return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+class Exited(Exception):
+    pass
+
+
+def watch(store, index, count=3, heartbeat=1, step_timeout=0):
+    exits = []
+    w = PeerWatchdog(
+        DistributedSettings(heartbeat_timeout_s=heartbeat, step_timeout_s=step_timeout),
+        client=store,
+        process_index=index,
+        process_count=count,
+        exit=exits.append,
+        interval=0.05,
+    )
+    return w, exits
+
+
+def wait_for(exits, seconds):
+    deadline = time.monotonic() + seconds
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def test_healthy_peers_and_finished_ones_are_not_lost():
+    store = Store()
+    a, a_exits = watch(store, 0)
+    b, _ = watch(store, 1)
+    c, _ = watch(store, 2)
+    with a, b:
+        with c:
+            time.sleep(0.3)
+        # c finished ("done"): its silence afterwards is not a loss
+        time.sleep(1.6)
+        assert not a_exits and a.reason is None
+    assert store.values[f"{PREFIX}2"].endswith(" done")
+
+
+def test_a_dead_peer_is_named_within_the_heartbeat_timeout(capsys):
+    store = Store()
+    a, exits = watch(store, 0, heartbeat=1)
+    store.values[f"{PREFIX}1"] = "1 -1 running"  # beating once, then never again
+    b, _ = watch(store, 2, heartbeat=30)  # (so that only `a` reports it)
+    with a, b:
+        start = time.monotonic()
+        took = wait_for(exits, 5) - start
+    assert exits == [EXIT_CODE]
+    assert 1.0 <= took <= 1.5, took  # the timeout plus an interval or two
+    assert a.reason.startswith("lost process 1 of 3: no heartbeat for 1 s")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"polyglot-jax: error: {a.reason}"]
+
+
+def test_a_failed_peer_stops_the_others_at_once():
+    store = Store()
+    a, exits = watch(store, 0, heartbeat=30)
+    b, _ = watch(store, 1, heartbeat=30)
+    with a:
+        with pytest.raises(Exited), b:
+            raise Exited
+        start = time.monotonic()
+        took = wait_for(exits, 5) - start
+    assert exits == [EXIT_CODE] and took < 0.5
+    assert a.reason == "process 1 of 3 failed (its log has the error); stopping"
+
+
+def test_a_silent_store_is_the_lost_coordinator():
+    store = Store()
+    a, exits = watch(store, 1, count=2, heartbeat=1)
+    b, _ = watch(store, 0, count=2, heartbeat=1)
+    with a, b:
+        time.sleep(0.2)
+        store.down = True
+        start = time.monotonic()
+        took = wait_for(exits, 5) - start
+    assert exits == [EXIT_CODE] and 0.8 <= took <= 1.5, took
+    assert a.reason.startswith("lost process 0 of 2 (the coordinator)")
+
+
+def test_a_stalled_step_names_the_slowest_process():
+    store = Store()
+    a, exits = watch(store, 0, heartbeat=30, step_timeout=1)
+    b, _ = watch(store, 1, heartbeat=30)
+    c, _ = watch(store, 2, heartbeat=30)
+    with a, b, c:
+        for w, step in ((a, 7), (b, 5), (c, 7)):
+            w.step_done(step)
+        start = time.monotonic()
+        took = wait_for(exits, 5) - start
+    assert exits == [EXIT_CODE] and 0.9 <= took <= 1.5, took
+    assert a.reason == (
+        "no step finished for 1 s (config.distributed.step_timeout_s); process 1 of 3 at step 5, "
+        "the slowest"
+    )
+
+
+def test_one_process_runs_no_threads():
+    w = PeerWatchdog(DistributedSettings(), client=None, process_index=0, process_count=1)
+    with w:
+        w.step_done(1)
+    assert not w._threads
