@@ -1,0 +1,587 @@
+"""What a mesh layout costs: the real train step compiled per layout, read from XLA's own analyses.
+
+    layouts = parse_meshes("data:8 fsdp:8 data:2,model:4", num_devices=8)
+    result = measure(config, layouts[0])          # compile only; timed_steps > 0 also runs it
+    result["bytes_per_device"], result["flops"], result["collective_bytes"]["all-reduce"]
+
+Each layout is a mesh shape over the axes of `partitioning` (`data, fsdp, model` within a node,
+`dcn_data, dcn_fsdp, dcn_model` across nodes; a missing axis is 1). The step is `train.build_step`'s
+jitted train step with the config's rules, lowered on abstract (ShapeDtypeStruct) parameters,
+optimizer state and a token batch, so nothing is allocated unless the step is timed.
+
+Conventions of a result (all per device, for one optimizer step of `config.train.batch_size`):
+
+- `bytes_per_device` = argument + output + temp - alias bytes of the compiled memory analysis: the
+  state and batch the step takes, what it returns (less the donated buffers it writes in place) and
+  its scratch. The breakdown is under `memory`.
+- `flops`: XLA's cost analysis (kept as `flops_xla`) counts a loop body once whatever its trip
+  count; `flops` adds each loop body's dots for every further run (the scanned layers, the
+  grad-accumulation and loss-chunk scans). `matmul_flops` is the dots alone: 2 x output elements
+  x contracted size, each counted as often as it runs.
+- `collective_bytes[kind]` for all-reduce, all-gather, reduce-scatter, all-to-all: over the ops of
+  that kind in the compiled HLO, each weighted by how often its computation runs, the bytes of the
+  whole array the group shares (the all-reduce operand, the all-gather result, the reduce-scatter
+  operand, the all-to-all operand) x (n - 1) / n for a group of n devices: what each device sends
+  in a ring. Data-parallel float32 gradients of P parameters thus give 4 x P x (n - 1) / n of
+  all-reduce (or as much reduce-scatter, where XLA splits the all-reduce into a reduce-scatter and
+  an all-gather of the updated parameters). `collective-permute` counts
+  the bytes each device sends. An async op (`*-start` / `*-done`) is counted once, at its start.
+- `step_time_s`: the median of `timed_steps` runs after one warm-up (None when not timed).
+
+How often a computation runs comes from the `known_trip_count` XLA records on each while loop (a
+loop without one counts once; each branch of a conditional counts as run). The mesh is
+`partitioning.make_mesh`'s, as in training (on fake CPU devices dcn axes are laid out as on GPU
+nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from polyglot_jax.errors import ConfigError
+from polyglot_jax.partitioning import DCN_AXES, MESH_AXES
+
+AXES = MESH_AXES + DCN_AXES
+COLLECTIVE_KINDS = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+_MIB, _GIB = 2.0**20, 2.0**30
+_LISTED = 8  # layouts an error message lists at most
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def layout_name(mesh_shape: Mapping[str, int]) -> str:
+    """`data:2,model:4`: the axes of size > 1 in canonical order (`data:1` for one device)."""
+    parts = [f"{a}:{mesh_shape[a]}" for a in AXES if mesh_shape.get(a, 1) != 1]
+    return ",".join(parts) or "data:1"
+
+
+def _full_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    unknown = [a for a in mesh_shape if a not in AXES]
+    if unknown:
+        raise ConfigError(f"unknown mesh axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
+    return {a: int(mesh_shape.get(a, 1)) for a in AXES}
+
+
+def _factorizations(n: int, axes: Sequence[str]) -> list[dict[str, int]]:
+    """Every mesh shape over `axes` (others 1) whose sizes multiply to `n`."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    out = []
+    for sizes in itertools.product(divisors, repeat=len(axes)):
+        if math.prod(sizes) == n:
+            out.append(_full_shape(dict(zip(axes, sizes, strict=True))))
+    return out
+
+
+def _listing(shapes: Sequence[Mapping[str, int]]) -> str:
+    names = [layout_name(s) for s in shapes]
+    return ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
+
+
+def parse_meshes(spec: str, num_devices: int) -> list[dict[str, int]]:
+    """Layouts separated by spaces, axes by commas: `"data:8 data:2,model:4 fsdp:4,data:2"`.
+
+    Returns one full mesh shape per layout (all six axes of `AXES`, missing ones 1). A layout must
+    use all `num_devices` devices; anything else is one ConfigError that says what would be valid.
+    """
+    layouts = spec.split()
+    if not layouts:
+        raise ConfigError(
+            f'no mesh layouts given: write them like "data:{num_devices} '
+            f'data:2,model:{max(num_devices // 2, 1)}" (axes: {", ".join(AXES)})'
+        )
+    out = []
+    for layout in layouts:
+        shape: dict[str, int] = {}
+        for part in layout.split(","):
+            name, sep, size = part.partition(":")
+            if not sep or not name:
+                raise ConfigError(
+                    f"mesh layout {layout!r}: {part!r} is not NAME:SIZE "
+                    f"(e.g. data:2,model:4; axes: {', '.join(AXES)})"
+                )
+            if name not in AXES:
+                raise ConfigError(
+                    f"mesh layout {layout!r}: unknown axis {name!r}; valid axes: {', '.join(AXES)}"
+                )
+            if name in shape:
+                raise ConfigError(f"mesh layout {layout!r}: axis {name} is given twice")
+            if not size.isdigit() or int(size) < 1:
+                raise ConfigError(
+                    f"mesh layout {layout!r}: size {size!r} of {name} is not a positive int"
+                )
+            shape[name] = int(size)
+        used = math.prod(shape.values())
+        if used != num_devices:
+            options = _factorizations(num_devices, [a for a in AXES if a in shape or a == "data"])
+            raise ConfigError(
+                f"mesh layout {layout!r} uses {used} devices, not all {num_devices}: its sizes "
+                f"must multiply to {num_devices}, e.g. {_listing(options)}"
+            )
+        out.append(_full_shape(shape))
+    return out
+
+
+def _with_mesh(
+    config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]
+) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    for axis, size in mesh_shape.items():
+        config.mesh[axis] = size
+    return config
+
+
+def validate_layout(
+    config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], num_devices: int
+) -> tuple[ml_collections.ConfigDict, Any]:
+    """The config with its mesh set to `mesh_shape`, checked as `train` checks it (its data need
+    not be on this machine), and the `config.Run` that comes out. One ConfigError naming the
+    layout, the field that does not divide, and the layouts over the same axes that would work."""
+    from polyglot_jax.config import validate_run
+
+    shape = _full_shape(mesh_shape)
+    try:
+        if math.prod(shape.values()) != num_devices:
+            raise ConfigError(
+                f"its sizes multiply to {math.prod(shape.values())}, not the {num_devices} devices"
+            )
+        config = _with_mesh(config, shape)
+        return config, validate_run(config, num_devices, this_machine=False)
+    except ConfigError as e:
+        # Over the same axes, and data: the axis that takes up whatever the others leave.
+        axes = [a for a in AXES if shape[a] != 1 or a == "data"]
+        working = []
+        for option in _factorizations(num_devices, axes):
+            try:
+                validate_run(_with_mesh(config, option), num_devices, this_machine=False)
+            except ConfigError:
+                continue
+            working.append(option)
+            if len(working) > _LISTED:  # enough to list; the rest would only take time
+                break
+        message = f"mesh layout {layout_name(shape)!r}: {str(e).splitlines()[0]}"
+        if working:
+            message += f"; layouts over {', '.join(axes)} that work: {_listing(working)}"
+        raise ConfigError(message) from e
+
+
+# --- the compiled HLO --------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2}
+_DTYPE_BYTES |= {"bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES |= {"c64": 8, "c128": 16}
+_COMMENT = re.compile(r"/\*.*?\*/")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
+# `%name = TYPE opcode(operands), attributes`; TYPE may be a (nested) tuple.
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\]")
+_LAYOUT = re.compile(r"\]\{[^{}]*\}")
+_CALLEE = re.compile(
+    r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"\b(?:branch|called)_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_COLLECTIVE = re.compile(r"^(" + "|".join(COLLECTIVE_KINDS) + r")(-start)?$")
+
+
+def _split_top(text: str) -> list[str]:
+    """The top-level elements of a tuple type `(a, (b, c))` -> [`a`, `(b, c)`]; an array -> [it]."""
+    text = text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:-1])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in a type string (layouts stripped, `<=` bounds read as sizes)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(text):
+        sizes = tuple(int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip())
+        out.append((dtype, sizes))
+    return out
+
+
+def _nbytes(text: str) -> float:
+    """Bytes of all arrays in a type string (tokens and unknown types count 0)."""
+    return sum(_DTYPE_BYTES.get(t, 0) * math.prod(d) for t, d in _arrays(text))
+
+
+def _group_size(attributes: str, num_partitions: int) -> int:
+    """Devices per replica group: explicit `{{0,1},{2,3}}`, iota `[2,4]<=[8]`, or mesh axes
+    `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (sub-axes `'axis_1':(2)2`); none or `{}`: all."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attributes)
+    if m:
+        sizes = dict(re.findall(r"'?([\w.]+)'?\s*=\s*(\d+)", m.group(1)))
+        n = 1
+        for name, sub in re.findall(r"'?([\w.]+)'?(?::\(\d+\)(\d+))?", m.group(2)):
+            if name:
+                n *= int(sub) if sub else int(sizes.get(name, 1))
+        return n
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", attributes)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([^}]*)\}", attributes)
+    if m:
+        return len([x for x in m.group(1).split(",") if x.strip()])
+    return num_partitions
+
+
+class _Hlo:
+    """The parts of a compiled module's text that the measures need: the instructions of each
+    computation, how often each computation runs per call of the entry, the partition count."""
+
+    def __init__(self, text: str):
+        m = re.search(r"num_partitions=(\d+)", text)
+        self.num_partitions = int(m.group(1)) if m else 1
+        self.instructions: dict[str, list[tuple[str, str, str, str]]] = {}
+        self.shapes: dict[str, str] = {}  # instruction name -> its type
+        callers: dict[str, list[tuple[str, int]]] = {}
+        entry, current = None, None
+        for line in _COMMENT.sub("", text).splitlines():
+            header = _HEADER.match(line)
+            if header and not line.startswith(" "):
+                current = header.group(2)
+                entry = current if header.group(1) else entry
+                self.instructions[current] = []
+                continue
+            found = _INSTRUCTION.match(line) if current else None
+            if not found:
+                continue
+            name, type_, opcode, rest = found.groups()
+            type_ = _LAYOUT.sub("]", type_)
+            self.instructions[current].append((name, type_, opcode, rest))
+            self.shapes[name] = type_
+            if opcode in ("async-update", "async-done"):
+                continue  # they name the computation that their async-start runs, once
+            trip = _TRIP_COUNT.search(rest)
+            for role, callee in _CALLEE.findall(rest):
+                times = int(trip.group(1)) if role == "body" and trip else 1
+                callers.setdefault(callee, []).append((current, times))
+            for branches in _BRANCHES.findall(rest):
+                for callee in re.findall(r"%?([\w.\-]+)", branches):
+                    callers.setdefault(callee, []).append((current, 1))
+        self.entry = entry
+
+        @functools.cache
+        def runs(computation: str) -> int:
+            if computation == entry:
+                return 1
+            return sum(runs(c) * t for c, t in callers.get(computation, ()))
+
+        self.runs = runs
+
+    def each(self):
+        """(instruction, times it runs per step) over every computation that runs."""
+        for computation, instructions in self.instructions.items():
+            times = self.runs(computation)
+            if times:
+                for instruction in instructions:
+                    yield instruction, times
+
+
+def collective_bytes(hlo_text: str) -> dict[str, float]:
+    """Bytes per device per step by collective kind in a compiled module's text (`as_text()`),
+    by the convention of this module's docstring; every kind of `COLLECTIVE_KINDS` is a key."""
+    hlo = _Hlo(hlo_text)
+    out = dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    for (_, type_, opcode, rest), times in hlo.each():
+        m = _COLLECTIVE.match(opcode)
+        if not m:
+            continue
+        kind, start = m.group(1), bool(m.group(2))
+        result = type_
+        if start and kind in ("all-gather", "collective-permute"):
+            # The start's type is (operands, results[, context]): the results are element 1.
+            result = _split_top(type_)[1]
+        size = _nbytes(result)
+        if kind == "collective-permute":
+            out[kind] += size * times
+            continue
+        n = _group_size(rest, hlo.num_partitions)
+        whole = size * n if kind == "reduce-scatter" else size
+        out[kind] += whole * (n - 1) / n * times
+    return out
+
+
+def matmul_flops(hlo_text: str) -> tuple[float, float]:
+    """(FLOPs of every dot per step, FLOPs of the dots beyond each loop body's first run): a dot is
+    2 x output elements x contracted size, weighted by how often its computation runs."""
+    hlo = _Hlo(hlo_text)
+    total = extra = 0.0
+    for (_, type_, opcode, rest), times in hlo.each():
+        if opcode != "dot":
+            continue
+        lhs = rest.split(",", 1)[0].strip()
+        lhs_type = lhs if "[" in lhs else hlo.shapes.get(lhs.lstrip("%"), "")
+        lhs_dims = _arrays(lhs_type)[0][1] if _arrays(lhs_type) else ()
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        index = [int(i) for i in contracting.group(1).split(",") if i] if contracting else []
+        contracted = math.prod(lhs_dims[i] for i in index if i < len(lhs_dims))
+        flops = 2.0 * sum(math.prod(d) for _, d in _arrays(type_)) * contracted
+        total += flops * times
+        extra += flops * (times - 1)
+    return total, extra
+
+
+# --- measuring one layout ----------------------------------------------------------------------
+
+
+def _cost(compiled) -> dict[str, float]:
+    """`compiled.cost_analysis()` as one dict (older jax returns a list with one per program)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        merged: dict[str, float] = {}
+        for part in cost:
+            for k, v in (part or {}).items():
+                merged[k] = merged.get(k, 0.0) + float(v)
+        return merged
+    return dict(cost or {})
+
+
+def _memory(compiled) -> dict[str, int] | None:
+    stats = compiled.memory_analysis()
+    if stats is None:  # some backends do not implement it
+        return None
+    fields = ("argument", "output", "temp", "alias", "generated_code")
+    return {f: int(getattr(stats, f"{f}_size_in_bytes", 0) or 0) for f in fields}
+
+
+def _batch(config: ml_collections.ConfigDict, vocab_size: int, sharding, abstract: bool):
+    """The step's batch: [batch_size, seq_len + 1] int32 rows (with segment ids and positions when
+    the config packs), as ShapeDtypeStructs or as random tokens placed by `sharding`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from polyglot_jax.data.batch import Batch
+
+    t = config.train
+    shape = (t.batch_size, t.seq_len + 1)
+    packed = config.data.get("mode", "concat") == "packed"
+    if abstract:
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+        return Batch(spec, spec, spec) if packed else Batch(spec)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, shape, dtype=np.int32)
+    if packed:  # one document per row: the step's cost does not depend on where documents start
+        positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
+        batch = Batch(tokens, np.ones(shape, np.int32), positions)
+    else:
+        batch = Batch(tokens)
+    return jax.device_put(batch, sharding)
+
+
+def measure(
+    config: ml_collections.ConfigDict,
+    mesh_shape: Mapping[str, int],
+    *,
+    timed_steps: int = 0,
+    devices: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """Compiles the train step of `config` on a `mesh_shape` mesh of `devices` (default: all of
+    this process's) and reads what it costs; see the module docstring for every field.
+
+    `mesh_shape` maps axis names to sizes (missing axes 1) and must use every device. With
+    `timed_steps > 0` the step also runs on freshly initialised parameters and a random batch.
+    """
+    import flax.linen as nn
+    import jax
+
+    from polyglot_jax.attention import check_attention_backend
+    from polyglot_jax.model import count_params
+    from polyglot_jax.partitioning import make_mesh, rules_from_config
+    from polyglot_jax.train import build_step
+
+    devices = list(jax.devices() if devices is None else devices)
+    config, run = validate_layout(config, mesh_shape, len(devices))
+    check_attention_backend(run.model.attention_impl, devices[0])
+    shape = run.mesh_shape
+    rules = rules_from_config(config.mesh.rules)
+    mesh = make_mesh(shape, devices)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        fns = build_step(config, run.model, mesh, rules)
+        abstract_batch = _batch(config, run.model.vocab_size, fns.batch_sharding, abstract=True)
+        start = time.perf_counter()
+        compiled = fns.train_step.lower(
+            fns.abstract_params, fns.abstract_opt, abstract_batch
+        ).compile()
+        compile_s = time.perf_counter() - start
+        step_time_s = _time_steps(config, run, fns, compiled, timed_steps) if timed_steps else None
+
+    memory = _memory(compiled)
+    text = compiled.as_text()
+    flops_xla = float(_cost(compiled).get("flops", 0.0))
+    dots, dots_beyond_first_run = matmul_flops(text)
+    return {
+        "layout": layout_name(shape),
+        "mesh": shape,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "parameters": count_params(run.model),
+        "bytes_per_device": (
+            memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+            if memory
+            else None
+        ),
+        "memory": memory,
+        "flops": flops_xla + dots_beyond_first_run,
+        "flops_xla": flops_xla,
+        "matmul_flops": dots,
+        "collective_bytes": collective_bytes(text),
+        "step_time_s": step_time_s,
+        "timed_steps": timed_steps,
+        "compile_s": compile_s,
+    }
+
+
+def _time_steps(config, run, fns, compiled, steps: int) -> float:
+    """Median seconds of `steps` runs of the compiled step, after one warm-up run."""
+    import jax
+
+    params = fns.init_params(config.train.seed)
+    opt_state = fns.init_opt(params)
+    batch = _batch(config, run.model.vocab_size, fns.batch_sharding, abstract=False)
+    params, opt_state, metrics = compiled(params, opt_state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, batch)
+        jax.block_until_ready((params, opt_state, metrics))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """One row per layout: memory (GiB per device), TFLOP per device per step, collective MiB
+    per device per step by kind, and the step time in seconds (`-` where not measured)."""
+    heads = ["layout", "GiB/device", "TFLOP/device"]
+    heads += [f"{k} MiB" for k in COLLECTIVE_KINDS] + ["step s"]
+    rows = []
+    for r in results:
+        memory = r.get("bytes_per_device")
+        step = r.get("step_time_s")
+        row = [r["layout"], "-" if memory is None else f"{memory / _GIB:.3f}"]
+        row.append(f"{r['flops'] / 1e12:.4f}")
+        row += [f"{r['collective_bytes'][k] / _MIB:.2f}" for k in COLLECTIVE_KINDS]
+        row.append("-" if step is None else f"{step:.4f}")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(heads, widths, strict=True))
+        )
+    ]
+    for row in rows:
+        cells = zip(row, widths, strict=True)
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        )
+    return "\n".join(lines)
+
+
+def write_chart(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """A PNG comparing the layouts: memory per device (arguments, new outputs, temp), FLOPs per
+    device, collective MiB by kind, and step time where measured. Written atomically."""
+    # A Figure without pyplot renders with Agg and leaves the caller's backend and figures alone.
+    from matplotlib.figure import Figure
+
+    names = [r["layout"] for r in results]
+    x = range(len(results))
+    fig = Figure(figsize=(max(8.0, 1.6 * len(results) + 4), 8))
+    axes = fig.subplots(2, 2)
+    ax = axes[0][0]
+    bottom = [0.0] * len(results)
+    parts = (
+        ("arguments", lambda m: m["argument"]),
+        ("outputs not aliased", lambda m: m["output"] - m["alias"]),
+        ("temp", lambda m: m["temp"]),
+    )
+    for label, part in parts:
+        values = [part(r["memory"]) / _GIB if r.get("memory") else 0.0 for r in results]
+        ax.bar(x, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set(title="memory per device", ylabel="GiB")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    ax.bar(x, [r["flops"] / 1e12 for r in results], color="tab:purple")
+    ax.set(title="FLOPs per device per step", ylabel="TFLOP")
+    ax = axes[1][0]
+    bottom = [0.0] * len(results)
+    for kind in COLLECTIVE_KINDS:
+        values = [r["collective_bytes"][kind] / _MIB for r in results]
+        ax.bar(x, values, bottom=bottom, label=kind)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set(title="collectives per device per step", ylabel="MiB")
+    ax.legend(fontsize=8)
+    ax = axes[1][1]
+    steps = [r.get("step_time_s") for r in results]
+    if any(s is not None for s in steps):
+        ax.bar(x, [s or 0.0 for s in steps], color="tab:green")
+        ax.set(title="step time (median)", ylabel="s")
+    else:
+        ax.text(0.5, 0.5, "step time not measured\n(compile only)", ha="center", va="center")
+        ax.set(title="step time", xticks=[], yticks=[])
+    for ax in (a for row in axes for a in row):
+        if ax.patches:  # the panels with bars
+            ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+    first = results[0] if results else {}
+    fig.suptitle(
+        f"train step per mesh layout ({first.get('devices', '?')} x "
+        f"{first.get('device_kind', '?')}, {first.get('parameters', 0) / 1e6:.1f}M parameters)"
+    )
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def write_json(value: Any, path: str | os.PathLike) -> None:
+    """`value` as indented JSON at `path`, written to a temporary file beside it, then renamed."""
+    path = pathlib.Path(path)
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _atomic(path: pathlib.Path):
+    """A temporary path beside `path` that replaces it on success and is removed on failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
