@@ -35,7 +35,7 @@ from tqdm import tqdm
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.kv_cache import init_cache
 from polyglot_jax.model import DTYPES, GPTNeoX, ModelConfig, lm_head, lm_head_kernel
-from polyglot_jax.partitioning import row_placement
+from polyglot_jax.partitioning import host_to_global, replicated, row_placement
 
 MIN_PROMPT_BUCKET = 16
 FINISH = ("length", "eos", "stop")  # finish reasons, by code
@@ -268,10 +268,10 @@ class Generator:
         ids, logprobs, finish, lengths = jax.device_get(
             fn(
                 self.params,
-                tokens,
-                start,
-                active,
-                jax.device_put(jnp.stack(keys), self.row_sharding),
+                host_to_global(tokens, self.row_sharding),
+                host_to_global(start, self.row_sharding),
+                host_to_global(active, self.row_sharding),
+                host_to_global(jax.random.key_data(jnp.stack(keys)), self.row_sharding),
                 knobs,
             )
         )
@@ -306,7 +306,8 @@ def decode_loop(
     def logits_of(params, hidden):
         return lm_head(hidden[:, -1:], lm_head_kernel(params), jnp.float32)[:, 0]
 
-    def run(params, tokens, start, active, row_keys, knobs: Knobs):
+    def run(params, tokens, start, active, row_key_data, knobs: Knobs):
+        row_keys = jax.random.wrap_key_data(row_key_data)  # (uint32 on the way in: host_to_global)
         cache = init_cache(
             cfg.num_layers, start, prompt_len + max_new, cfg.num_heads, cfg.head_dim,
             DTYPES[cfg.dtype],
@@ -378,4 +379,7 @@ def decode_loop(
         s = jax.lax.while_loop(cond, body, state)
         return s["ids"], s["logprobs"], s["finish"], s["length"]
 
-    return jax.jit(run, in_shardings=(None, row, row, row, row, None))
+    # Results replicated: with a mesh over several processes each of them reads every row.
+    return jax.jit(
+        run, in_shardings=(None, row, row, row, row, None), out_shardings=replicated(row)
+    )

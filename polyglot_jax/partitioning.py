@@ -193,3 +193,16 @@ def process_row_block(sharding: jax.sharding.Sharding, rows: int) -> tuple[int, 
             "blocks of the global batch: order the mesh's devices by process"
         )
     return lo // size, rows // size
+
+
+def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole (prompts, scoring rows) as a global
+    `jax.Array` laid out by `sharding`: each process places the slices its devices hold. Unlike
+    `jax.device_put`, this works when the mesh spans several processes."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicated(sharding: NamedSharding) -> NamedSharding:
+    """The fully replicated sharding on `sharding`'s mesh: results every process can read."""
+    return NamedSharding(sharding.mesh, PartitionSpec())

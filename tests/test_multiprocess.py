@@ -52,26 +52,56 @@ def overrides(shards: pathlib.Path, steps: int = STEPS) -> list[str]:
         "--config.data.shuffle_buffer=64",
         "--config.data.prefetch=0",
         f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+        *(f"--config.eval.{k}={v}" for k, v in EVAL.items()),
+        f"--config.data.tokenizer={shards.parent / 'tokenizer'}",
     ]
 
 
-def losses(workdir: pathlib.Path) -> dict[int, float]:
+# Validation loss and the generation monitor run on the mesh spanning the processes too.
+EVAL = dict(
+    eval_every=8, eval_batches=2, holdout_fraction=0.05, generation_every=12,
+    generation_max_new_tokens=8,
+)  # fmt: skip
+
+
+def records(workdir: pathlib.Path) -> dict[int, dict]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r for r in map(json.loads, lines)}
 
 
-def assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
+def losses(workdir: pathlib.Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in records(workdir).items()}
+
+
+def assert_same_run(workdir: pathlib.Path, want: dict[int, dict]) -> None:
+    """Losses, validation losses and the monitor's greedy texts of every step equal `want`'s."""
+    got = records(workdir)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5, atol=0)
+    for key in ("loss", "eval_loss"):
+        steps = [s for s in want if key in want[s]]
+        assert steps == [s for s in got if key in got[s]] and steps
+        np.testing.assert_allclose(
+            [got[s][key] for s in steps], [want[s][key] for s in steps], rtol=1e-5, atol=0
+        )
+    texts = [s for s in want if "gen_samples" in want[s]]
+    assert texts == [12, 24]
+    assert [got[s]["gen_samples"] for s in texts] == [want[s]["gen_samples"] for s in texts]
+
+
+def one_process_config(shards: pathlib.Path):
+    config = tiny_config(shards, train__steps=STEPS, train__checkpoint_every=4)
+    config.distributed.heartbeat_timeout_s = HEARTBEAT_S
+    config.eval.update(EVAL)
+    config.data.tokenizer = str(shards.parent / "tokenizer")
+    return config
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory) -> dict[int, float]:
+def reference(shards, tmp_path_factory) -> dict[int, dict]:
     """One process, 8 devices (data-parallel: configs/tiny.py's mesh)."""
     workdir = tmp_path_factory.mktemp("one-process")
-    config = tiny_config(shards, train__steps=STEPS, train__checkpoint_every=4)
-    train(config, workdir)
-    return losses(workdir)
+    train(one_process_config(shards), workdir)
+    return records(workdir)
 
 
 def free_port() -> int:
@@ -112,7 +142,7 @@ def test_two_processes_via_launch_local_equal_one(shards, reference, tmp_path):
     workdir = tmp_path / "run"
     done = run_local(2, 4, workdir, overrides(shards))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert_same_losses(losses(workdir), reference)
+    assert_same_run(workdir, reference)
     # Process 0 wrote the run's files; both processes saved the (same, global) iterator state.
     states = [
         json.loads(p.read_text())
@@ -186,14 +216,12 @@ def test_slurm_run_loses_a_peer_then_resumes_on_other_layouts(shards, reference,
 
     as_one = tmp_path / "as-1x8"
     shutil.copytree(workdir, as_one)
-    config = tiny_config(shards, train__steps=STEPS, train__checkpoint_every=4)
-    config.distributed.heartbeat_timeout_s = HEARTBEAT_S  # as the run was made (a free field)
-    train(config, as_one)
-    assert_same_losses(losses(as_one), reference)
+    train(one_process_config(shards), as_one)
+    assert_same_run(as_one, reference)
 
     as_four = tmp_path / "as-4x2"
     shutil.copytree(workdir, as_four)
     done = run_local(4, 2, as_four, overrides(shards))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from step {steps_on_disk[-1]} of {STEPS}" in done.stderr
-    assert_same_losses(losses(as_four), reference)
+    assert_same_run(as_four, reference)

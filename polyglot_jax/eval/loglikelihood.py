@@ -25,7 +25,7 @@ from tqdm import tqdm
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.generate import bucket
 from polyglot_jax.model import GPTNeoX, ModelConfig, lm_head, lm_head_kernel
-from polyglot_jax.partitioning import row_placement
+from polyglot_jax.partitioning import host_to_global, replicated, row_placement
 
 
 def length_bucket(n: int, window: int) -> int:
@@ -53,7 +53,8 @@ def score_fn(cfg: ModelConfig, row: NamedSharding):
         total = jnp.sum(jnp.where(mask, logprob, 0.0), axis=-1)
         return total, jnp.all(greedy | ~mask, axis=-1)
 
-    return jax.jit(score, in_shardings=(None, row, row, row, row))
+    # Results replicated: with a mesh over several processes each of them reads every row.
+    return jax.jit(score, in_shardings=(None, row, row, row, row), out_shardings=replicated(row))
 
 
 class Scorer:
@@ -135,6 +136,9 @@ class Scorer:
             targets[r, :cont] = outputs[len(outputs) - cont :]
             mask[r, :cont] = True
         total, greedy = jax.device_get(
-            score_fn(self.cfg, self.row_sharding)(self.params, tokens, at, targets, mask)
+            score_fn(self.cfg, self.row_sharding)(
+                self.params,
+                *(host_to_global(x, self.row_sharding) for x in (tokens, at, targets, mask)),
+            )
         )
         return [(float(total[r]), bool(greedy[r])) for r in range(len(chunk))]
