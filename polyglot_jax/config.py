@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up in flops.py
     c.train.profile_steps = (0, 0)  # (first step, count): jax.profiler trace into workdir/profile
+    # XLA's persistent compilation cache: a rerun or resume of the same config compiles nothing.
+    # "" = $JAX_COMPILATION_CACHE_DIR when set, else WORKDIR/xla_cache; "off" = none.
+    c.train.compilation_cache_dir = ""
     c.train.spike_threshold = 0.5  # warn when the loss rises 50% above its running average...
     c.train.drop_threshold = 0.2  # ...or falls 20% below it
     c.train.spike_halflife = 50  # steps; the running average's half-life
@@ -292,6 +295,11 @@ def check_train(
     if t.nan_policy not in ("halt", "skip"):
         raise ConfigError(
             f"config.train.nan_policy={t.nan_policy!r} is not one of ('halt', 'skip')"
+        )
+    if not isinstance(t.get("compilation_cache_dir", ""), str):
+        raise ConfigError(
+            f"config.train.compilation_cache_dir={t.compilation_cache_dir!r} must be a path, '' "
+            "(the default place) or 'off'"
         )
     profile = tuple(t.profile_steps) if isinstance(t.profile_steps, list | tuple) else None
     if profile is None or len(profile) != 2 or not all(_is_int(x) and x >= 0 for x in profile):

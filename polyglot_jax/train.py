@@ -301,6 +301,24 @@ def check_resume(
     return not changes.data_changed
 
 
+def use_compilation_cache(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
+    """Points XLA's persistent compilation cache at `setting` ('' = $JAX_COMPILATION_CACHE_DIR or
+    WORKDIR/xla_cache; 'off' = none) and caches every program, however quickly it compiled (so a
+    rerun compiles nothing). Returns the directory. The cache is set up by the first compile of a
+    process: later calls in the same process keep the first directory."""
+    if setting == "off":
+        return None
+    import os
+
+    path = pathlib.Path(
+        setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or workdir / "xla_cache"
+    )
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def _say(message: str) -> None:
     """A line on stderr from process 0 at any verbosity (absl shows only warnings by default)."""
     if jax.process_index() == 0:
@@ -323,6 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     created = not workdir.exists()
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(config.train.get("compilation_cache_dir", ""), workdir)
     with (
         wd.locked(workdir) if is_main else contextlib.nullcontext(),
         PeerWatchdog(settings) as watch,

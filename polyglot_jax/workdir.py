@@ -67,6 +67,7 @@ RESUMABLE = (
     "train.nan_policy",
     "train.peak_flops_per_device",
     "train.profile_steps",
+    "train.compilation_cache_dir",
     "train.spike_threshold",
     "train.drop_threshold",
     "train.spike_halflife",

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from polyglot_jax import flops, mesh_bench
+from polyglot_jax import flops, hlo_costs, mesh_bench
 from polyglot_jax.config import load_config
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.model import ModelConfig, abstract_params, count_params
@@ -146,7 +146,7 @@ ENTRY %main (x: f32[16,32]) -> f32[64,32] {
 
 
 def test_collective_bytes_by_kind_on_a_hand_written_module():
-    got = mesh_bench.collective_bytes(HLO)
+    got = hlo_costs.collective_bytes(HLO)
     assert got == {
         # f32[256] over groups of 4, in a loop body run 3 times; bf16[1024] over all 8 devices
         "all-reduce": 1024 * 3 / 4 * 3 + 2048 * 7 / 8,
@@ -161,7 +161,7 @@ def test_collective_bytes_by_kind_on_a_hand_written_module():
 
 
 def test_matmul_flops_count_a_loop_body_as_often_as_it_runs():
-    total, beyond_first_run = mesh_bench.matmul_flops(HLO)
+    total, beyond_first_run = hlo_costs.matmul_flops(HLO)
     dot = 2 * 16 * 8 * 32  # output [16, 8], contracted over 32
     assert (total, beyond_first_run) == (3 * dot, 2 * dot)
 

@@ -32,6 +32,8 @@ def tiny_config(shards: pathlib.Path, **overrides):
     c.data.shards = (str(shards),)
     c.data.shuffle_buffer = 64
     c.data.prefetch = 0
+    # In-process runs: the first would point the whole test session's compiles at its workdir.
+    c.train.compilation_cache_dir = "off"
     for key, value in overrides.items():
         section, field = key.split("__")
         c[section][field] = value

@@ -55,7 +55,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _os_error(e: OSError) -> str:
+def os_error_line(e: OSError) -> str:
     """`PATH: cause` of an I/O error (e.g. `out/x.jsonl: No space left on device`)."""
     cause = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
     paths = [p for p in (e.filename, e.filename2) if p]
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # permission denied, disk full, ...: the outputs clean up after themselves
         if flags.FLAGS.verbosity >= 1:
             raise
-        print(f"{PROG} {sub}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"{PROG} {sub}: error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"{PROG} {sub}: interrupted", file=sys.stderr)

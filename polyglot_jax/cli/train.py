@@ -73,13 +73,13 @@ def _leave(error: Exception) -> None:
     import sys
     import traceback
 
-    from polyglot_jax.cli import PROG, _os_error
+    from polyglot_jax.cli import PROG, os_error_line
     from polyglot_jax.errors import PolyglotError
 
     if isinstance(error, PolyglotError):
         line, code = str(error).splitlines()[0] if str(error) else type(error).__name__, 2
     elif isinstance(error, OSError):
-        line, code = _os_error(error), 1
+        line, code = os_error_line(error), 1
     else:
         traceback.print_exception(error)
         line, code = f"{type(error).__name__} (traceback above)", 1

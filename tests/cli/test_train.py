@@ -113,3 +113,25 @@ def test_stop_signal_saves_and_exits_zero(shards, tmp_path, sig):
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [last] and 3 <= last < 1000
     assert f"stopped by a signal at step {last}" in out
+
+
+def test_a_rerun_compiles_nothing_new(shards, tmp_path):
+    """The persistent compilation cache: by default WORKDIR/xla_cache; a second run of the same
+    config, in a new workdir pointed at that cache, finds every program there (no entry is
+    added) and trains the same."""
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    first = subprocess.run(
+        _command(shards, tmp_path / "a", steps=2), env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    cache = tmp_path / "a" / "xla_cache"
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) >= 3  # at least the parameters' init, the optimizer's and the train step
+    flag = f"--config.train.compilation_cache_dir={cache}"
+    again = subprocess.run(
+        [*_command(shards, tmp_path / "b", steps=2), flag], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert not (tmp_path / "b" / "xla_cache").exists()
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
