@@ -37,7 +37,6 @@ nodes).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -51,49 +50,28 @@ import ml_collections
 
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.hlo_costs import COLLECTIVE_KINDS, collective_bytes, matmul_flops
-from polyglot_jax.partitioning import DCN_AXES, MESH_AXES
+from polyglot_jax.partitioning import (
+    AXES,
+    LAYOUTS_LISTED,
+    full_layout,
+    layout_list,
+    layout_text,
+    layouts_over,
+    parse_layout,
+)
 
-AXES = MESH_AXES + DCN_AXES
 _MIB, _GIB = 2.0**20, 2.0**30
-_LISTED = 8  # layouts an error message lists at most
 
 
 # --- layouts -----------------------------------------------------------------------------------
-
-
-def layout_name(mesh_shape: Mapping[str, int]) -> str:
-    """`data:2,model:4`: the axes of size > 1 in canonical order (`data:1` for one device)."""
-    parts = [f"{a}:{mesh_shape[a]}" for a in AXES if mesh_shape.get(a, 1) != 1]
-    return ",".join(parts) or "data:1"
-
-
-def _full_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
-    unknown = [a for a in mesh_shape if a not in AXES]
-    if unknown:
-        raise ConfigError(f"unknown mesh axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
-    return {a: int(mesh_shape.get(a, 1)) for a in AXES}
-
-
-def _factorizations(n: int, axes: Sequence[str]) -> list[dict[str, int]]:
-    """Every mesh shape over `axes` (others 1) whose sizes multiply to `n`."""
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    out = []
-    for sizes in itertools.product(divisors, repeat=len(axes)):
-        if math.prod(sizes) == n:
-            out.append(_full_shape(dict(zip(axes, sizes, strict=True))))
-    return out
-
-
-def _listing(shapes: Sequence[Mapping[str, int]]) -> str:
-    names = [layout_name(s) for s in shapes]
-    return ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
 
 
 def parse_meshes(spec: str, num_devices: int) -> list[dict[str, int]]:
     """Layouts separated by spaces, axes by commas: `"data:8 data:2,model:4 fsdp:4,data:2"`.
 
     Returns one full mesh shape per layout (all six axes of `AXES`, missing ones 1). A layout must
-    use all `num_devices` devices; anything else is one ConfigError that says what would be valid.
+    use all `num_devices` devices; anything else is one ConfigError that says what would be valid
+    (`partitioning.parse_layout`).
     """
     layouts = spec.split()
     if not layouts:
@@ -101,36 +79,7 @@ def parse_meshes(spec: str, num_devices: int) -> list[dict[str, int]]:
             f'no mesh layouts given: write them like "data:{num_devices} '
             f'data:2,model:{max(num_devices // 2, 1)}" (axes: {", ".join(AXES)})'
         )
-    out = []
-    for layout in layouts:
-        shape: dict[str, int] = {}
-        for part in layout.split(","):
-            name, sep, size = part.partition(":")
-            if not sep or not name:
-                raise ConfigError(
-                    f"mesh layout {layout!r}: {part!r} is not NAME:SIZE "
-                    f"(e.g. data:2,model:4; axes: {', '.join(AXES)})"
-                )
-            if name not in AXES:
-                raise ConfigError(
-                    f"mesh layout {layout!r}: unknown axis {name!r}; valid axes: {', '.join(AXES)}"
-                )
-            if name in shape:
-                raise ConfigError(f"mesh layout {layout!r}: axis {name} is given twice")
-            if not size.isdigit() or int(size) < 1:
-                raise ConfigError(
-                    f"mesh layout {layout!r}: size {size!r} of {name} is not a positive int"
-                )
-            shape[name] = int(size)
-        used = math.prod(shape.values())
-        if used != num_devices:
-            options = _factorizations(num_devices, [a for a in AXES if a in shape or a == "data"])
-            raise ConfigError(
-                f"mesh layout {layout!r} uses {used} devices, not all {num_devices}: its sizes "
-                f"must multiply to {num_devices}, e.g. {_listing(options)}"
-            )
-        out.append(_full_shape(shape))
-    return out
+    return [parse_layout(layout, num_devices) for layout in layouts]
 
 
 def _with_mesh(
@@ -150,7 +99,7 @@ def validate_layout(
     layout, the field that does not divide, and the layouts over the same axes that would work."""
     from polyglot_jax.config import validate_run
 
-    shape = _full_shape(mesh_shape)
+    shape = full_layout(mesh_shape)
     try:
         if math.prod(shape.values()) != num_devices:
             raise ConfigError(
@@ -162,17 +111,17 @@ def validate_layout(
         # Over the same axes, and data: the axis that takes up whatever the others leave.
         axes = [a for a in AXES if shape[a] != 1 or a == "data"]
         working = []
-        for option in _factorizations(num_devices, axes):
+        for option in layouts_over(num_devices, axes):
             try:
                 validate_run(_with_mesh(config, option), num_devices, this_machine=False)
             except ConfigError:
                 continue
             working.append(option)
-            if len(working) > _LISTED:  # enough to list; the rest would only take time
+            if len(working) > LAYOUTS_LISTED:  # enough to list; the rest would only take time
                 break
-        message = f"mesh layout {layout_name(shape)!r}: {str(e).splitlines()[0]}"
+        message = f"mesh layout {layout_text(shape)!r}: {str(e).splitlines()[0]}"
         if working:
-            message += f"; layouts over {', '.join(axes)} that work: {_listing(working)}"
+            message += f"; layouts over {', '.join(axes)} that work: {layout_list(working)}"
         raise ConfigError(message) from e
 
 
@@ -265,7 +214,7 @@ def measure(
     flops_xla = float(_cost(compiled).get("flops", 0.0))
     dots, dots_beyond_first_run = matmul_flops(text)
     return {
-        "layout": layout_name(shape),
+        "layout": layout_text(shape),
         "mesh": shape,
         "devices": len(devices),
         "device_kind": devices[0].device_kind,

@@ -6,7 +6,8 @@ The model only names logical axes; `config.mesh.rules` maps them onto these mesh
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,8 @@ from polyglot_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
+AXES = MESH_AXES + DCN_AXES  # every axis a layout names: within a node, then across nodes
+LAYOUTS_LISTED = 8  # layouts an error message lists at most (then `...`)
 
 
 def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[str, int]:
@@ -56,6 +59,91 @@ def divisors(n: int) -> list[int]:
 def axis_size(mesh_shape: Mapping[str, int], axis: str) -> int:
     """Total size of a logical mesh axis, within-node times across-node."""
     return mesh_shape[axis] * mesh_shape[f"dcn_{axis}"]
+
+
+# --- layouts: {axis: size} over all six AXES, written `data:2,model:4` ----------------------------
+
+
+def layout_text(mesh_shape: Mapping[str, int]) -> str:
+    """`data:2,model:4`: the axes of size other than 1, in `AXES` order (`data:1` for one device)."""
+    parts = [f"{a}:{mesh_shape[a]}" for a in AXES if mesh_shape.get(a, 1) != 1]
+    return ",".join(parts) or "data:1"
+
+
+def full_layout(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    """`mesh_shape` over all six `AXES` (a missing axis is 1); one ConfigError naming the valid
+    axes for an unknown one."""
+    unknown = [a for a in mesh_shape if a not in AXES]
+    if unknown:
+        raise ConfigError(f"unknown mesh axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
+    return {a: int(mesh_shape.get(a, 1)) for a in AXES}
+
+
+def factorizations(n: int, parts: int) -> list[tuple[int, ...]]:
+    """Every tuple of `parts` positive ints whose product is n, in lexicographic order."""
+    if parts == 1:
+        return [(n,)]
+    return [(d, *rest) for d in divisors(n) for rest in factorizations(n // d, parts - 1)]
+
+
+def layouts_over(n: int, axes: Sequence[str]) -> list[dict[str, int]]:
+    """Every full layout of n devices over `axes` (the other axes 1), in lexicographic order of
+    the sizes of `axes`."""
+    return [
+        full_layout(dict(zip(axes, sizes, strict=True))) for sizes in factorizations(n, len(axes))
+    ]
+
+
+def layout_list(layouts: Iterable[Mapping[str, int]]) -> str:
+    """`data:8, fsdp:8, ...`: the first few layouts' `layout_text`, for an error message."""
+    names = [layout_text(m) for m in layouts]
+    return ", ".join(names[:LAYOUTS_LISTED]) + (", ..." if len(names) > LAYOUTS_LISTED else "")
+
+
+def parse_layout(
+    text: str,
+    num_devices: int,
+    examples: Callable[[], Iterable[Mapping[str, int]]] | None = None,
+) -> dict[str, int]:
+    """`data:2,model:4` (NAME:SIZE parts, separated by commas or spaces) as a full layout
+    {axis: size} over `AXES`.
+
+    One one-line ConfigError, saying what would be valid, for an empty layout, a part that is
+    not NAME:SIZE, an unknown or repeated axis, a size that is not a positive int, or sizes that
+    do not multiply to `num_devices`. For the last it lists `examples()` (default: the layouts
+    over the axes named and data)."""
+    axes = ", ".join(AXES)
+    if not text.strip():
+        raise ConfigError(f"mesh layout {text!r} is empty: write it like data:2,model:4 ({axes})")
+    shape: dict[str, int] = {}
+    for part in re.split(r"[\s,]+", text.strip()):
+        name, sep, size = part.partition(":")
+        if not sep or not name:
+            raise ConfigError(
+                f"mesh layout {text!r}: {part!r} is not NAME:SIZE (e.g. data:2,model:4; "
+                f"axes: {axes})"
+            )
+        if name not in AXES:
+            raise ConfigError(
+                f"mesh layout {text!r}: unknown mesh axis {name!r}; valid axes: {axes}"
+            )
+        if name in shape:
+            raise ConfigError(f"mesh layout {text!r}: axis {name} is given twice")
+        if not (size.isascii() and size.isdigit()) or int(size) < 1:
+            raise ConfigError(
+                f"mesh layout {text!r}: size {size!r} of {name} is not a positive int"
+            )
+        shape[name] = int(size)
+    used = math.prod(shape.values())
+    if used != num_devices:
+        options = list(examples()) if examples is not None else []
+        if not options:
+            options = layouts_over(num_devices, [a for a in AXES if a in shape or a == "data"])
+        raise ConfigError(
+            f"mesh layout {text!r} uses {used} devices, not all {num_devices}: its sizes must "
+            f"multiply to {num_devices}, e.g. {layout_list(options)}"
+        )
+    return full_layout(shape)
 
 
 def check_divisibility(

@@ -265,42 +265,6 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
-def check_resume(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, has_checkpoints: bool
-) -> bool:
-    """The new config against the one that made the workdir's checkpoints (workdir.py's rules).
-
-    Returns whether the saved data iterator state can be restored. Raises ConfigError for a change
-    that no resume can take, or one that needs `config.train.allow_config_change`.
-    """
-    saved = wd.read_config(workdir)
-    if not has_checkpoints or saved is None:
-        return True
-    changes = wd.resume_changes(wd.flat_config(saved), wd.flat_config(config))
-    fresh = f"use a new --workdir (seeded from this run with --config.train.init_from={workdir})"
-    if changes.shapes:
-        raise ConfigError(
-            f"{workdir} holds checkpoints of another model: {wd.describe(changes.shapes)}; "
-            f"resume with the old values or {fresh}"
-        )
-    if changes.guarded and not config.train.get("allow_config_change", False):
-        raise ConfigError(
-            f"{workdir} holds checkpoints made with other settings: "
-            f"{wd.describe(changes.guarded)}; resume with the old values, {fresh}, or pass "
-            "--config.train.allow_config_change=True to continue its state with the new ones"
-        )
-    if changes.guarded:
-        logging.warning(
-            "resuming %s with changed settings (allow_config_change): %s%s",
-            workdir,
-            wd.describe(changes.guarded, limit=20),
-            "; the data starts from its beginning" if changes.data_changed else "",
-        )
-    if changes.free:
-        logging.info("resuming %s with %s", workdir, wd.describe(changes.free, limit=20))
-    return not changes.data_changed
-
-
 def use_compilation_cache(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
     """Points XLA's persistent compilation cache at `setting` ('' = $JAX_COMPILATION_CACHE_DIR or
     WORKDIR/xla_cache; 'off' = none) and caches every program, however quickly it compiled (so a
@@ -360,7 +324,7 @@ def _start(config, model_cfg, mesh_shape, workdir, watch):
     rules = rules_from_config(config.mesh.rules)
     mesh = make_mesh(mesh_shape)
     steps_on_disk = Checkpointer.steps_in(workdir)
-    restore_data = check_resume(config, workdir, bool(steps_on_disk))
+    restore_data = wd.check_resume(config, workdir, bool(steps_on_disk))
     # The global batch is the same on every layout; this process builds the block of its devices.
     block, blocks = process_row_block(batch_sharding(mesh, rules), t.batch_size)
     data_iter = make_pipeline(

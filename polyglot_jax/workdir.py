@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from polyglot_jax.errors import ConfigError, InputError
 
@@ -163,6 +164,42 @@ def describe(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
     items = [f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()]
     more = len(items) - limit
     return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, has_checkpoints: bool
+) -> bool:
+    """The new config against the one that made the workdir's checkpoints (the rules above).
+
+    Returns whether the saved data iterator state can be restored. Raises ConfigError for a change
+    that no resume can take, or one that needs `config.train.allow_config_change`.
+    """
+    saved = read_config(workdir)
+    if not has_checkpoints or saved is None:
+        return True
+    changes = resume_changes(flat_config(saved), flat_config(config))
+    fresh = f"use a new --workdir (seeded from this run with --config.train.init_from={workdir})"
+    if changes.shapes:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of another model: {describe(changes.shapes)}; "
+            f"resume with the old values or {fresh}"
+        )
+    if changes.guarded and not config.train.get("allow_config_change", False):
+        raise ConfigError(
+            f"{workdir} holds checkpoints made with other settings: "
+            f"{describe(changes.guarded)}; resume with the old values, {fresh}, or pass "
+            "--config.train.allow_config_change=True to continue its state with the new ones"
+        )
+    if changes.guarded:
+        logging.warning(
+            "resuming %s with changed settings (allow_config_change): %s%s",
+            workdir,
+            describe(changes.guarded, limit=20),
+            "; the data starts from its beginning" if changes.data_changed else "",
+        )
+    if changes.free:
+        logging.info("resuming %s with %s", workdir, describe(changes.free, limit=20))
+    return not changes.data_changed
 
 
 def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -308,8 +345,6 @@ def _manifest_tokenizer(data: Any) -> pathlib.Path | None:
     shards = list(data.get("shards") or ())
     if not shards or shards[0] == "builtin":
         return None
-    from absl import logging
-
     from polyglot_jax.data.records import manifest_tokenizer
 
     manifest = pathlib.Path(shards[0]) / "manifest.json"

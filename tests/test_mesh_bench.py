@@ -12,7 +12,7 @@ from polyglot_jax import flops, hlo_costs, mesh_bench
 from polyglot_jax.config import load_config
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.model import ModelConfig, abstract_params, count_params
-from polyglot_jax.partitioning import make_mesh, rules_from_config
+from polyglot_jax.partitioning import layout_text, make_mesh, rules_from_config
 
 AXES_LINE = "data, fsdp, model, dcn_data, dcn_fsdp, dcn_model"
 
@@ -27,7 +27,7 @@ def test_parse_meshes_fills_missing_axes_with_one():
         {"data": 2, "fsdp": 1, "model": 4, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1},
         {"data": 2, "fsdp": 4, "model": 1, "dcn_data": 1, "dcn_fsdp": 1, "dcn_model": 1},
     ]
-    assert [mesh_bench.layout_name(s) for s in shapes] == [
+    assert [layout_text(s) for s in shapes] == [
         "data:8",
         "data:2,model:4",
         "data:2,fsdp:4",
@@ -37,7 +37,7 @@ def test_parse_meshes_fills_missing_axes_with_one():
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ("data:2,tensor:4", f"unknown axis 'tensor'; valid axes: {AXES_LINE}"),
+        ("data:2,tensor:4", f"unknown mesh axis 'tensor'; valid axes: {AXES_LINE}"),
         ("data:4", "uses 4 devices, not all 8: its sizes must multiply to 8, e.g. data:8"),
         (
             "model:2",
@@ -179,9 +179,7 @@ def measured(tiny):
     """configs/tiny.py's train step per layout; data:8 also runs one timed step."""
     layouts = mesh_bench.parse_meshes("data:8 data:2,fsdp:4 fsdp:8 data:2,model:4", 8)
     return {
-        mesh_bench.layout_name(s): mesh_bench.measure(
-            tiny, s, timed_steps=1 if s["data"] == 8 else 0
-        )
+        layout_text(s): mesh_bench.measure(tiny, s, timed_steps=1 if s["data"] == 8 else 0)
         for s in layouts
     }
 

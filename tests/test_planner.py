@@ -16,7 +16,8 @@ from polyglot_jax.errors import ConfigError
 from polyglot_jax.flops import training_flops_per_token
 from polyglot_jax.hardware import DEVICE_KINDS, GiB, device_kind
 from polyglot_jax.model import ModelConfig, count_params
-from polyglot_jax.planner import AXES, Planner, mesh_text, parse_mesh
+from polyglot_jax.partitioning import AXES, layout_text, parse_layout
+from polyglot_jax.planner import Planner
 
 ONES = dict.fromkeys(AXES, 1)
 
@@ -56,7 +57,7 @@ COMPILED_CASES = [
 
 
 @pytest.mark.parametrize(
-    "mesh, policy", COMPILED_CASES, ids=[f"{mesh_text(m)}-{p}" for m, p in COMPILED_CASES]
+    "mesh, policy", COMPILED_CASES, ids=[f"{layout_text(m)}-{p}" for m, p in COMPILED_CASES]
 )
 def test_memory_and_collectives_match_compiled(mesh, policy):
     config = _small(model__remat_policy=policy)
@@ -263,14 +264,17 @@ def test_12_8b_state_alone_rules_out_pure_data_parallel():
     "text, message",
     [
         ("data:2,tensor:4", "unknown mesh axis 'tensor'; valid axes: data, fsdp, model, dcn_data"),
-        ("data:2,model:2", "uses 4 devices, not the 8 of --devices; the sizes must multiply to 8"),
-        ("data:two", "data needs a positive int size"),
-        ("data:0,fsdp:8", "data needs a positive int size"),
+        ("data:2,model:2", "uses 4 devices, not all 8: its sizes must multiply to 8, e.g. model:8"),
+        ("data:two", "size 'two' of data is not a positive int"),
+        ("data:0,fsdp:8", "size '0' of data is not a positive int"),
+        ("data=2,model=4", "'data=2' is not NAME:SIZE"),
+        ("data:2,data:4", "axis data is given twice"),
+        ("", "mesh layout '' is empty: write it like data:2,model:4"),
     ],
 )
-def test_parse_mesh_errors_list_what_is_valid(text, message):
+def test_parse_layout_errors_list_what_is_valid(text, message):
     with pytest.raises(ConfigError, match=message):
-        parse_mesh(text, 8)
+        parse_layout(text, 8)
 
 
 def test_layout_errors_list_valid_sizes():

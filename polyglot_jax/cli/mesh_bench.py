@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from polyglot_jax import mesh_bench
+    from polyglot_jax.partitioning import layout_text
 
     devices = jax.devices()
     wanted = _DEVICES.value
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> None:
         steps = 0 if devices[0].platform == "cpu" else 3
     results = []
     for layout in layouts:
-        name = mesh_bench.layout_name(layout)
+        name = layout_text(layout)
         print(f"mesh-bench: compiling {name} ...", file=sys.stderr, flush=True)
         results.append(mesh_bench.measure(config, layout, timed_steps=steps, devices=devices))
     record = results

@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.hardware import DEVICE_KINDS
-from polyglot_jax.planner import DEFAULT_MFU, REMAT_ORDER, Candidate, Planner, mesh_text
+from polyglot_jax.partitioning import layout_text
+from polyglot_jax.planner import DEFAULT_MFU, REMAT_ORDER, Candidate, Planner
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/polyglot_ko_1_3b.py[:variant]."
@@ -90,7 +91,7 @@ def table(candidates: list[Candidate], planner: Planner) -> str:
     lines = [header, "-" * len(header)]
     for i, c in enumerate(candidates, 1):
         lines.append(
-            f"{i:>3}  {mesh_text(c.mesh):<36} {c.remat_policy:<13} {c.grad_accum:>5} "
+            f"{i:>3}  {layout_text(c.mesh):<36} {c.remat_policy:<13} {c.grad_accum:>5} "
             f"{c.rows_per_device:>4} {_gib(c.bytes_per_device):>8} {'yes' if c.fits else 'no':>4} "
             f"{c.step_time_s:>8.3g} {c.compute_s:>8.3g} {c.exposed_comm_s:>7.2g} "
             f"{c.mfu:>5.1%} {c.tokens_per_day / 1e9:>9.4g} {c.days:>7.3g}"

@@ -46,7 +46,7 @@ def test_writes_json_list_chart_and_table(tmp_path):
     [
         (
             ["--meshes=data:2,tensor:4", "--out={tmp}/r.json"],
-            "mesh-bench: error: mesh layout 'data:2,tensor:4': unknown axis 'tensor'; valid axes: "
+            "mesh-bench: error: mesh layout 'data:2,tensor:4': unknown mesh axis 'tensor'; valid axes: "
             "data, fsdp, model, dcn_data, dcn_fsdp, dcn_model",
         ),
         (

@@ -65,7 +65,7 @@ def test_table_with_token_budget_and_assumptions():
     "args, message",
     [
         (["--mesh=data:2,tensor:4"], "unknown mesh axis 'tensor'; valid axes: data, fsdp, model"),
-        (["--mesh=data:2,model:2"], "uses 4 devices, not the 8 of --devices"),
+        (["--mesh=data:2,model:2"], "uses 4 devices, not all 8: its sizes must multiply to 8"),
         (["--mesh=model:8"], "model sizes that divide on 8 devices: 1, 2, 4"),
         (["--device_kind=v100"], f"known kinds: {KINDS}"),
         (["--devices=0"], "--devices=0 must be a positive int"),
