@@ -23,12 +23,24 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml constraints.txt $(VENV)/.insta
 	$(PIP) -e '.[test]'
 	@touch $@
 
+# transformers 4.x for tests/hf/test_transformers4.py (exports must load with 4.x too): only the
+# three packages that differ from the venv's 5.x stack, installed into a directory of their own that
+# the test puts first on PYTHONPATH, so torch, numpy, safetensors... stay the venv's. Pinned here,
+# not in constraints.txt, which pins transformers 5.
+TF4 := $(VENV)/tf4
+TF4_PINS := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
+
+$(VENV)/.installed-tf4: Makefile | $(BIN)/python
+	rm -rf $(TF4)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --target $(TF4) $(TF4_PINS)
+	@touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-tf4
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
 """Convert checkpoints: `convert to-hf` (run dir -> Hugging Face GPTNeoX dir) or `convert from-hf`.
 
     polyglot-jax convert to-hf --workdir=RUN [--step=N] --out=HF_DIR [--dtype=float16]
-        [--max_shard_size=5GB] [--tokenizer=DIR] [--overwrite] [--verify]
+        [--max_shard_size=5GB] [--tokenizer=DIR] [--license=apache-2.0]
+        [--eval_results=kobest.json,...] [--overwrite] [--verify]
     polyglot-jax convert from-hf --hf=HF_DIR --out=RUN [--config=configs/x.py] [--overwrite] [--verify]
 
 Both stream tensor by tensor (a 12.8B model converts on a 24 GB machine); `--verify` then loads
@@ -35,6 +36,14 @@ _TOKENIZER = flags.DEFINE_string(
     "tokenizer",
     None,
     "to-hf: tokenizer directory to include (default: the run's config.data.tokenizer).",
+)
+_LICENSE = flags.DEFINE_string(
+    "license", None, "to-hf: the model card's Hub license id (default: apache-2.0, said so)."
+)
+_EVAL_RESULTS = flags.DEFINE_list(
+    "eval_results",
+    [],
+    "to-hf: `eval kobest` result files for the model card (besides WORKDIR/eval/*.json).",
 )
 _HF = flags.DEFINE_string("hf", None, "from-hf: the Hugging Face GPTNeoX directory.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -82,6 +91,8 @@ def main(argv):
             max_shard_size=_MAX_SHARD_SIZE.value,
             tokenizer=_TOKENIZER.value,
             overwrite=_OVERWRITE.value,
+            license=_LICENSE.value,
+            eval_results=_EVAL_RESULTS.value,
         )
         print(
             f"step {result.step} of {workdir} -> {result.out}: {len(result.files)} safetensors file(s)"

@@ -30,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -48,6 +48,7 @@ from polyglot_jax.hf.files import (
     parse_size,
     read_hf_config,
 )
+from polyglot_jax.hf.model_card import check_card_inputs, write_model_card
 from polyglot_jax.hf.orbax_arrays import CheckpointReader, CheckpointWriter, write_step_metadata
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.output_dir import check_output, staged
@@ -179,6 +180,74 @@ def _copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:
     return copied
 
 
+# The special tokens transformers knows by name (4.x and 5.x alike).
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# A class name transformers 4.x resolves; every exported tokenizer is a tokenizer.json, which is
+# what this class loads in both major versions.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
+    """A tokenizer side file as a dict ({} when absent); InputError naming it when not an object."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{file}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: not a JSON object ({type(data).__name__})")
+    return data
+
+
+def portable_tokenizer_files(
+    config: dict[str, Any], special_map: dict[str, Any], eos_token: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`tokenizer_config.json` and `special_tokens_map.json` contents that transformers 4.x and
+    5.x both load into the same tokenizer, from a tokenizer directory's own (either may be {}).
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend` (a class 4.x does not have: "does
+    not exist or is not currently imported") and its extra special tokens as an
+    `extra_special_tokens` list (4.x reads that key as a dict of named tokens: "'list' object has
+    no attribute 'keys'"). Here the class becomes `PreTrainedTokenizerFast` (kept when it is
+    another class name that both versions know), the list becomes `additional_special_tokens`
+    (the name both versions read), and the 5-only `backend` key goes. A tokenizer that names no
+    eos gets `eos_token` (the one `load_tokenizer` resolved, which config.json's eos_token_id is)."""
+    config = dict(config)
+    name = config.get("tokenizer_class")
+    if not isinstance(name, str) or not name or name.endswith("Backend"):
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    config.pop("backend", None)
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        additional = list(config.get("additional_special_tokens") or [])
+        config["additional_special_tokens"] = additional + [t for t in extra if t not in additional]
+    if "eos_token" not in config and "eos_token" not in special_map:
+        config["eos_token"] = eos_token
+    special_map = dict(special_map)
+    for key in (*NAMED_SPECIAL_TOKENS, "additional_special_tokens"):
+        if key not in special_map and config.get(key) not in (None, []):
+            special_map[key] = config[key]
+    return config, special_map
+
+
+def _export_tokenizer(source: pathlib.Path, target: pathlib.Path, eos_token: str) -> None:
+    """The run's tokenizer into an HF directory, loadable by transformers 4.x and 5.x: tokenizer.json
+    as it is, the two side files from `portable_tokenizer_files` (a file that needs no change is
+    copied byte for byte, as the released Polyglot-Ko files are)."""
+    shutil.copyfile(source / "tokenizer.json", target / "tokenizer.json")
+    names = ("tokenizer_config.json", "special_tokens_map.json")
+    originals = [_read_json_object(source / name) for name in names]
+    for name, original, wanted in zip(
+        names, originals, portable_tokenizer_files(*originals, eos_token), strict=True
+    ):
+        if wanted == original and (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+        else:
+            _write_json(target / name, wanted)
+
+
 # ---------------------------------------------------------------- orbax -> HF
 
 
@@ -192,10 +261,15 @@ def to_hf(
     tokenizer: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    license: str | None = None,
+    eval_results: Sequence[str | os.PathLike] = (),
 ) -> Converted:
     """Writes the checkpoint of `workdir` at `step` (default: the latest) as a Hugging Face
     GPTNeoXForCausalLM directory `out`: config.json, generation_config.json, safetensors weights
-    in `dtype` (sharded above `max_shard_size`) and the run's tokenizer files when known.
+    in `dtype` (sharded above `max_shard_size`), the run's tokenizer files when known (in a form
+    transformers 4.x and 5.x both load: `portable_tokenizer_files`) and a model card, README.md
+    (`model_card.write_model_card`: `license` defaults to apache-2.0, `eval_results` are
+    `eval kobest` result files, besides any the workdir holds).
 
     Peak memory: a few blocks of one layer's tensor (or ~64 MB of rows): checkpoint chunks in
     orbax's default format are decompressed as a stream, other formats through a one-chunk cache
@@ -210,6 +284,7 @@ def to_hf(
     if "model" not in config:
         raise InputError(f"{workdir / 'config.json'} has no model section")
     cfg = ModelConfig.from_config(config.model)
+    check_card_inputs(license, eval_results)
     step, step_dir = step_directory(workdir, step)
     check_output(out, [workdir], overwrite=overwrite)
     hint = previous_step_hint(step_dir.parent, step)
@@ -220,12 +295,12 @@ def to_hf(
     except InputError as e:
         raise InputError(f"{e}{hint}") from e
     tok_dir = run_tokenizer(config, workdir, tokenizer)
-    eos, pad = DEFAULT_EOS_ID, None
+    eos, pad, eos_token = DEFAULT_EOS_ID, None, None
     if tok_dir is not None:
         from polyglot_jax.data.tokenizer import load_tokenizer
 
         loaded = load_tokenizer(tok_dir)
-        eos, pad = loaded.eos_id, loaded.pad_id
+        eos, pad, eos_token = loaded.eos_id, loaded.pad_id, loaded.eos_token
         # Ids past the embedding would index out of range in transformers (gaps count too).
         vocab = loaded.tokenizer.get_vocab(with_added_tokens=True)
         ids = max(loaded.vocab_size, max(vocab.values(), default=-1) + 1)
@@ -266,7 +341,20 @@ def to_hf(
             generation["pad_token_id"] = pad
         _write_json(tmp / "generation_config.json", generation)
         if tok_dir is not None:
-            _copy_tokenizer(tok_dir, tmp)
+            _export_tokenizer(tok_dir, tmp, eos_token)
+        write_model_card(
+            tmp,
+            workdir,
+            config,
+            cfg,
+            name=out.name,
+            step=step,
+            dtype=dtype,
+            tokenizer=tok_dir,
+            eos_id=eos,
+            license=license,
+            eval_results=eval_results,
+        )
     files = [out / f.name for f in files]
     return Converted(out, files, total, time.perf_counter() - start, step)
 

@@ -162,6 +162,7 @@ def test_to_hf_float32_matches_reference_and_transformers(run, tmp_path):
     result = convert.to_hf(workdir, out, dtype="float32", show_progress=False)
     assert result.step == 5 and result.files == [out / "model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "generation_config.json",
         "model.safetensors",
