@@ -278,6 +278,11 @@ def use_compilation_cache(setting: str, workdir: pathlib.Path) -> pathlib.Path |
         setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or workdir / "xla_cache"
     )
     jax.config.update("jax_compilation_cache_dir", str(path))
+    import warnings
+
+    # A failed cache write (a full disk) only costs a compile next time: no line for the user,
+    # whose one error line (if the disk really is full) comes from what the run itself writes.
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from polyglot_jax.data.records import FORMAT, MANIFEST, encode_record, shard_name, token_dtype
 from polyglot_jax.data.sources import iter_texts, list_input_files
-from polyglot_jax.data.tokenizer import load_tokenizer, tokenizer_json_path
+from polyglot_jax.data.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_json_path
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.output_dir import process_alive
 
@@ -141,6 +141,30 @@ def _stats_path(directory: Path, index: int) -> Path:
     return directory / f"shard-{index:05d}.json"
 
 
+def shard_settings(loaded: LoadedTokenizer, block_tokens: int) -> dict:
+    """How a shard is made, as its stats record it (and the manifest repeats): a shard with other
+    settings was made by another run."""
+    return {
+        "format": FORMAT,
+        "tokenizer_sha256": loaded.sha256,
+        "eos_id": loaded.eos_id,
+        "vocab_size": loaded.vocab_size,
+        "token_dtype": token_dtype(loaded.vocab_size).name,
+        "block_tokens": block_tokens,
+    }
+
+
+def manifest_totals(settings: dict, ordered: Sequence[dict]) -> dict:
+    """The manifest's settings, totals and shard list, from the shards' stats in shard order."""
+    return {
+        **settings,
+        "documents": sum(s["documents"] for s in ordered),
+        "tokens": sum(s["tokens"] for s in ordered),
+        "records": sum(s["records"] for s in ordered),
+        "shards": [{k: s[k] for k in ("file", "documents", "tokens", "records")} for s in ordered],
+    }
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Writes `manifest.json` atomically (for corpora assembled with `write_shard` directly)."""
     _replace_json(Path(directory) / MANIFEST, manifest)
@@ -158,7 +182,7 @@ def _init_worker(tokenizer_json: str) -> None:
     _WORKER["tokenizer"] = Tokenizer.from_file(tokenizer_json)
 
 
-def _tokenize_shard(
+def tokenize_shard(
     index: int, texts: list[str], chars: int, directory: str, settings: dict, tokenizer: Any = None
 ) -> dict:
     """Tokenizes one chunk of documents into shard `index`; returns (and writes) its stats."""
@@ -297,14 +321,7 @@ def tokenize_to_shards(
     try:
         directory.mkdir(parents=True, exist_ok=True)
         remove_temporaries(warn=True)
-        settings = {
-            "format": FORMAT,
-            "tokenizer_sha256": loaded.sha256,
-            "eos_id": loaded.eos_id,
-            "vocab_size": loaded.vocab_size,
-            "token_dtype": token_dtype(loaded.vocab_size).name,
-            "block_tokens": block_tokens,
-        }
+        settings = shard_settings(loaded, block_tokens)
         skipped: collections.Counter = collections.Counter()
         shards: dict[int, dict] = {}
         bar = tqdm(
@@ -320,7 +337,7 @@ def tokenize_to_shards(
             for index, (texts, chars) in chunks:
                 stats = _finished_stats(directory, index, len(texts), chars, settings)
                 if stats is None:
-                    stats = _tokenize_shard(
+                    stats = tokenize_shard(
                         index, texts, chars, str(directory), settings, loaded.tokenizer
                     )
                 done(stats, index)
@@ -340,7 +357,7 @@ def tokenize_to_shards(
                             ctx.Pool(num_workers, initializer=_init_worker, initargs=(json_path,))
                         )
                     task = (index, texts, chars, str(directory), settings)
-                    pending.append((index, pool.apply_async(_tokenize_shard, task)))
+                    pending.append((index, pool.apply_async(tokenize_shard, task)))
                     while len(pending) >= 2 * num_workers:  # bounded: inputs may be huge
                         i, result = pending.popleft()
                         done(result.get(), i)
@@ -352,13 +369,7 @@ def tokenize_to_shards(
             raise InputError(f"no documents in {', '.join(map(str, files))}")
         ordered = [shards[i] for i in range(len(shards))]
         manifest = {
-            **settings,
-            "documents": sum(s["documents"] for s in ordered),
-            "tokens": sum(s["tokens"] for s in ordered),
-            "records": sum(s["records"] for s in ordered),
-            "shards": [
-                {k: s[k] for k in ("file", "documents", "tokens", "records")} for s in ordered
-            ],
+            **manifest_totals(settings, ordered),
             # Absolute: the tokens directory is what gets moved or copied (to a data disk, to
             # every host), usually without the tokenizer, which stays where it was made.
             "tokenizer": str(Path(loaded.path).resolve()),
