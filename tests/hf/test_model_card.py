@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     result file under eval/."""
     shards = tiny_shards(tmp_path_factory.mktemp("cache"))
     workdir = tmp_path_factory.mktemp("run") / "run"
-    held_out = dict(eval__eval_every=3, eval__eval_batches=1, eval__holdout_fraction=0.2)
+    held_out = dict(eval__eval_every=3, eval__eval_batches=1, eval__holdout_fraction=0.5)
     train(tiny_config(shards, **held_out), workdir)
     more = dict(train__steps=8, train__batch_size=32, train__allow_config_change=True)
     train(tiny_config(shards, **held_out, **more), workdir)  # checkpoints 3, 6 and 8
@@ -121,7 +121,7 @@ def test_the_card_states_what_the_run_files_say(run, tmp_path):
     for key in ("documents", "tokens", "records"):
         assert f"{manifest[key]:,} {key}" in line
     assert line.endswith(", tokenized with the exported tokenizer")
-    assert "held out of training: 0.2 of the documents" in card
+    assert "held out of training: 0.5 of the documents" in card
 
     assert "`kobest.json` (evaluated on checkpoint step 8; computed in float32" in card
     assert "| copa | 5 | 0.7333 | 0.7500 |  | 4 |" in card
