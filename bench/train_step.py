@@ -1,19 +1,41 @@
-"""Times the jitted, sharded train step of a config on this machine's devices.
+"""The compiled train step: what XLA executes against the model's FLOPs, and (CPU) its time against
+transformers + torch AdamW on the same machine, in the same run.
 
-    python bench/train_step.py --config=configs/tiny.py --steps=20 --out=bench/results/train_step_cpu.json
+    python bench/train_step.py --config=configs/tiny.py --out=bench/results/train_step_cpu_tiny.json
+    python bench/train_step.py --shape=neox56m --out=bench/results/train_step_cpu_56m.json
     python bench/train_step.py --config=configs/polyglot_ko_1_3b.py --config.train.batch_size=8 \
-        --config.train.grad_accum=1 --out=bench/results/train_step_h100_1_3b.json
+        --torch=False --out=bench/results/train_step_h100_1_3b.json
 
-The batch is random tokens (the step's cost does not depend on their values), so no data needs to
-be prepared; compile time is reported apart from the steady-state step time. Results: JSON with
-the device, versions, shapes, step time, tokens/s, MFU and (on GPU/TPU) peak device memory.
+`--shape=neox56m` is the issue's 56M-parameter GPT-NeoX (d_model 512, 8 layers, 8 heads, d_ff 2048,
+vocab 30,080, batch 4 x 512, float32 compute), applied over `--config` (its optimizer settings).
+
+FLOPs, for each remat policy (`--remat_policies`), from the compiled step without running it:
+- `model_flops`: `flops.training_flops_per_token` x tokens (6 x matmul parameters + attention,
+  the vocab projection included: PaLM's accounting), and `promised_flops`: that plus what the
+  policy says it recomputes (`flops.recompute_flops_per_token`);
+- `matmul_flops`: every dot of the compiled HLO, each counted as often as its loop runs
+  (`hlo_costs.matmul_flops`); `recompute_factor` = matmul_flops / model_flops;
+- `xla_flops`, `xla_bytes_accessed`: XLA's own cost analysis, raw: it counts a while loop's body
+  once, so with scanned layers they are per-layer figures for the loop parts (`flops` adds the
+  dots of every further run of a loop, as mesh_bench does).
+
+Time (`--torch`, default on CPU): `--rounds` rounds, each timing `--steps` steps of our step and
+then of `GPTNeoXForCausalLM` (sdpa attention, float32) + `torch.optim.AdamW` with global-norm
+clipping at the same shape, on the same random tokens; per backend the median of all its steps,
+after one warm-up step each. Interleaving the two keeps a loaded machine's drift out of the
+ratio; the load average is recorded before and after. `speed_ratio` = torch step / our step
+(> 1: we are faster); `cpu_ratio` the same in process CPU seconds (all threads), which a loaded
+machine disturbs less (run under `taskset -c 1` for a one-core comparison that another process's
+load cannot skew much). The batch is random tokens (the step's cost does not depend on them).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -22,46 +44,213 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from polyglot_jax import flops
-from polyglot_jax.config import validate_run
-from polyglot_jax.data.batch import Batch
-from polyglot_jax.partitioning import make_mesh, rules_from_config
-from polyglot_jax.train import build_step
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to time.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile-and-warm-up step).")
+_SHAPE = flags.DEFINE_enum("shape", None, ["neox56m"], "A model/batch shape applied over --config.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per backend per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (ours, torch) timing, interleaved.")
+_TORCH = flags.DEFINE_boolean("torch", None, "Time transformers + torch too (default: on CPU).")
+_REMAT = flags.DEFINE_list(
+    "remat_policies", "none,full,dots,dots_no_batch", "Policies to compile and count FLOPs for."
+)
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+SHAPES = {
+    "neox56m": {
+        "model.num_layers": 8,
+        "model.d_model": 512,
+        "model.num_heads": 8,
+        "model.d_ff": 2048,
+        "model.vocab_size": 30080,
+        "model.rotary_dim": 16,  # rotary_pct 0.25 at head_dim 64
+        "model.max_len": 512,
+        "model.dtype": "float32",
+        "model.remat_policy": "none",
+        "train.batch_size": 4,
+        "train.seq_len": 512,
+        "train.grad_accum": 1,
+        "train.loss_chunk": 512,
+        "mesh.data": 1,
+        "mesh.fsdp": 1,
+        "mesh.model": 1,
+    }
+}
+
+
+def apply_shape(config, shape: str | None):
+    config = config.copy_and_resolve_references()
+    for key, value in SHAPES.get(shape, {}).items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (taskset/cgroup affinity), as XLA:CPU counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class OurStep:
+    """The trainer's jitted step (`train.build_step`) on fresh parameters and a fixed batch."""
+
+    def __init__(self, config, tokens: np.ndarray):
+        import flax.linen as nn
+
+        from polyglot_jax.config import validate_run
+        from polyglot_jax.data.batch import Batch
+        from polyglot_jax.partitioning import make_mesh, rules_from_config
+        from polyglot_jax.train import build_step
+
+        run = validate_run(config, jax.device_count())
+        self.model_cfg = run.model
+        self.mesh = make_mesh(run.mesh_shape)
+        self.rules = rules_from_config(config.mesh.rules)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            self.fns = build_step(config, run.model, self.mesh, self.rules)
+            self.params = self.fns.init_params(config.train.seed)
+            self.opt_state = self.fns.init_opt(self.params)
+            self.batch = jax.device_put(Batch(tokens), self.fns.batch_sharding)
+        self.metrics = None
+        self.cpu_s: list[float] = []  # process CPU seconds per step (all threads)
+
+    def step(self) -> float:
+        start, cpu = time.perf_counter(), time.process_time()
+        self.params, self.opt_state, self.metrics = self.fns.train_step(
+            self.params, self.opt_state, self.batch
+        )
+        jax.block_until_ready((self.params, self.opt_state, self.metrics))
+        self.cpu_s.append(time.process_time() - cpu)
+        return time.perf_counter() - start
+
+
+class TorchStep:
+    """transformers' GPTNeoXForCausalLM (sdpa, float32) + torch AdamW, the same shape and optimizer
+    settings: loss = mean next-token cross entropy, clip_grad_norm_, AdamW with weight decay on
+    matrices only, zero_grad(set_to_none=True)."""
+
+    def __init__(self, config, model_cfg, tokens: np.ndarray):
+        import torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        from polyglot_jax.hf.mapping import to_hf_config
+
+        torch.set_num_threads(_cores())
+        torch.manual_seed(0)
+        fields = {
+            k: v
+            for k, v in to_hf_config(model_cfg).items()
+            if k not in ("architectures", "model_type", "torch_dtype")
+        }
+        hf = GPTNeoXConfig(**fields, attn_implementation="sdpa")
+        self.model = GPTNeoXForCausalLM(hf).float().train()
+        t = config.train
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.b1, t.b2),
+            eps=t.eps,
+        )  # fmt: skip
+        self.clip = t.clip_norm
+        self.inputs = torch.as_tensor(tokens[:, :-1]).long()
+        self.targets = torch.as_tensor(tokens[:, 1:]).long()
+        self.torch = torch
+        self.loss = None
+        self.cpu_s: list[float] = []
+
+    def step(self) -> float:
+        torch = self.torch
+        start, cpu = time.perf_counter(), time.process_time()
+        logits = self.model(input_ids=self.inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), self.targets.flatten()
+        )
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = float(loss.detach())
+        self.cpu_s.append(time.process_time() - cpu)
+        return time.perf_counter() - start
+
+
+def compiled_costs(config, policies) -> dict:
+    """Per remat policy: the compiled step's FLOPs beside the model's (see the docstring)."""
+    import dataclasses
+
+    from polyglot_jax import flops
+    from polyglot_jax.config import validate_run
+    from polyglot_jax.mesh_bench import measure
+
+    out = {}
+    for policy in policies:
+        c = config.copy_and_resolve_references()
+        c.model.remat_policy = policy
+        run = validate_run(c, jax.device_count())
+        r = measure(c, run.mesh_shape)
+        tokens = c.train.batch_size * c.train.seq_len
+        cfg = dataclasses.replace(run.model, remat_policy=policy)
+        model = flops.training_flops_per_token(cfg, c.train.seq_len) * tokens
+        promised = model + flops.recompute_flops_per_token(cfg, c.train.seq_len) * tokens
+        devices = r["devices"]  # measure's FLOPs and bytes are per device
+        out[policy] = {
+            "model_flops": model,
+            "promised_flops": promised,
+            "matmul_flops": r["matmul_flops"] * devices,
+            "flops": r["flops"] * devices,
+            "xla_flops": r["flops_xla"] * devices,
+            "xla_bytes_accessed": r["bytes_accessed_xla"] * devices,
+            "recompute_factor": r["matmul_flops"] * devices / model,
+            "promised_factor": promised / model,
+            "compile_s": r["compile_s"],
+        }
+        print(policy, json.dumps(out[policy]), flush=True)
+    return out
 
 
 def main(argv):
-    import flax.linen as nn
+    from polyglot_jax import flops
 
-    config = _CONFIG.value
-    run = validate_run(config, jax.device_count())
-    model_cfg, mesh_shape = run.model, run.mesh_shape
+    config = apply_shape(_CONFIG.value, _SHAPE.value)
     t = config.train
-    mesh, rules = make_mesh(mesh_shape), rules_from_config(config.mesh.rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        fns = build_step(config, model_cfg, mesh, rules)
-        params = fns.init_params(t.seed)
-        opt_state = fns.init_opt(params)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(
-            0, model_cfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32
-        )
-        batch = jax.device_put(Batch(tokens), fns.batch_sharding)
+    with_torch = jax.default_backend() == "cpu" if _TORCH.value is None else _TORCH.value
+    rng = np.random.default_rng(0)
+    vocab = config.model.vocab_size
+    tokens = rng.integers(0, vocab, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+    load_before = _load()
 
-        start = time.perf_counter()
-        params, opt_state, metrics = fns.train_step(params, opt_state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
+    ours = OurStep(config, tokens)
+    model_cfg = ours.model_cfg
+    start = time.perf_counter()
+    ours.step()
+    compile_s = time.perf_counter() - start
+    theirs = TorchStep(config, model_cfg, tokens) if with_torch else None
+    if theirs is not None:
+        theirs.step()  # warm-up
+        theirs.cpu_s.clear()
+    ours.cpu_s.clear()  # the first (compiling) step
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for _ in range(_ROUNDS.value):
+        times["ours"] += [ours.step() for _ in range(_STEPS.value)]
+        if theirs is not None:
+            times["torch"] += [theirs.step() for _ in range(_STEPS.value)]
+        print({k: [round(x, 3) for x in v] for k, v in times.items()}, flush=True)
+    load_after = _load()
+    step_s = statistics.median(times["ours"])
+    torch_s = statistics.median(times["torch"]) if theirs is not None else None
 
-        start = time.perf_counter()
-        for _ in range(_STEPS.value):
-            params, opt_state, metrics = fns.train_step(params, opt_state, batch)
-        jax.block_until_ready(metrics)
-        step_s = (time.perf_counter() - start) / _STEPS.value
-
+    costs = compiled_costs(config, _REMAT.value) if _REMAT.value else {}
     tokens_per_step = t.batch_size * t.seq_len
     peak = t.peak_flops_per_device or flops.peak_flops_per_device()
     flops_per_step = flops.training_flops_per_token(model_cfg, t.seq_len) * tokens_per_step
@@ -71,23 +260,46 @@ def main(argv):
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "platform": jax.default_backend(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax")},
-        "model": {k: getattr(model_cfg, k) for k in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "dtype", "attention_impl", "remat_policy")},
-        "mesh": mesh_shape,
+        "cpu_cores": _cores(),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax"), "torch": _version("torch") if theirs else None, "transformers": _version("transformers") if theirs else None},
+        "shape": _SHAPE.value,
+        "model": {k: getattr(model_cfg, k) for k in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "rotary_dim", "dtype", "attention_impl", "remat_policy", "scan_layers")},
+        "parameters": _count(model_cfg),
         "batch_size": t.batch_size,
         "seq_len": t.seq_len,
         "grad_accum": t.grad_accum,
+        "loss_chunk": t.loss_chunk,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "compile_and_first_step_s": compile_s,
         "step_time_s": step_s,
+        "step_times_s": times["ours"],
+        "torch_step_time_s": torch_s,
+        "torch_step_times_s": times["torch"] or None,
+        "speed_ratio": torch_s / step_s if torch_s else None,
+        "step_cpu_s": statistics.median(ours.cpu_s),
+        "torch_step_cpu_s": statistics.median(theirs.cpu_s) if theirs else None,
+        "cpu_ratio": statistics.median(theirs.cpu_s) / statistics.median(ours.cpu_s) if theirs else None,
+        "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS")},
         "tokens_per_s": tokens_per_step / step_s,
+        "model_flops_per_step": flops_per_step,
+        "model_flop_per_s": flops_per_step / step_s,
         "mfu": flops_per_step / step_s / (peak * jax.device_count()) if peak else None,
         "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
-        "loss": float(metrics["loss"]),
+        "loss": float(ours.metrics["loss"]),
+        "torch_loss": theirs.loss if theirs else None,
+        "compiled": costs,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
     if _OUT.value:
         pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _count(model_cfg) -> int:
+    from polyglot_jax.model import count_params
+
+    return count_params(model_cfg)
 
 
 def _version(package: str) -> str:

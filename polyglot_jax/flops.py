@@ -42,3 +42,24 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
         if name in kind:
             return flops
     return None
+
+
+def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The matmul FLOPs per token that `cfg.remat_policy` promises to recompute in the backward,
+    beyond `training_flops_per_token` (which the step runs once without remat).
+
+    - none, dots: nothing (dots keeps every matmul output);
+    - dots_no_batch: the attention matmuls (scores and values: dots with batch dimensions), 4 x
+      d_model x seq_len per layer (with a fused attention kernel the core is no dot at all);
+    - full: the forward of every matmul whose output the backward reads: the fused QKV
+      (2 x d_model x 3 d_model), the attention and the MLP's up projection (2 x d_model x d_ff);
+      the two projections into the residual stream (attention dense, MLP down) only feed the
+      residual sum, whose gradient needs their inputs, not their outputs.
+    """
+    d, layers = cfg.d_model, cfg.num_layers
+    attention = 4.0 * layers * d * seq_len if cfg.attention_impl == "xla" else 0.0
+    if cfg.remat_policy == "dots_no_batch":
+        return attention
+    if cfg.remat_policy == "full":
+        return attention + 2.0 * layers * (3 * d * d + d * cfg.d_ff)
+    return 0.0

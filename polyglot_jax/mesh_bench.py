@@ -211,7 +211,8 @@ def measure(
 
     memory = _memory(compiled)
     text = compiled.as_text()
-    flops_xla = float(_cost(compiled).get("flops", 0.0))
+    cost = _cost(compiled)
+    flops_xla = float(cost.get("flops", 0.0))
     dots, dots_beyond_first_run = matmul_flops(text)
     return {
         "layout": layout_text(shape),
@@ -228,6 +229,7 @@ def measure(
         "memory": memory,
         "flops": flops_xla + dots_beyond_first_run,
         "flops_xla": flops_xla,
+        "bytes_accessed_xla": float(cost.get("bytes accessed", 0.0)),
         "matmul_flops": dots,
         "collective_bytes": collective_bytes(text),
         "step_time_s": step_time_s,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from polyglot_jax.attention import ATTENTION_IMPLS, attend
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.kv_cache import KVCache, advance, cached_attention, positions_of
+from polyglot_jax.ops import gelu, normalize, project
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -155,20 +156,21 @@ def _wang_std(cfg: ModelConfig) -> float:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with bias, eps from the config, computed in float32, output in the compute dtype."""
+    """LayerNorm with bias, eps from the config, computed in float32, output in the compute dtype.
+
+    `normalized`: `normalize(x)` when the caller has it (the parallel residual normalises the same
+    x for both of its LayerNorms, which differ only in scale and bias)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, normalized: jax.Array | None = None) -> jax.Array:
         d = x.shape[-1]
         scale = _param(self, "scale", nn.initializers.ones, (d,), ("embed",), self.cfg)
         bias = _param(self, "bias", nn.initializers.zeros, (d,), ("embed",), self.cfg)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.layer_norm_eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+        if normalized is None:
+            normalized = normalize(x.astype(jnp.float32), self.cfg.layer_norm_eps)
+        return (normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
             DTYPES[self.cfg.dtype]
         )
 
@@ -193,7 +195,7 @@ class Attention(nn.Module):
         qkv_b = _param(
             self, "qkv_bias", nn.initializers.zeros, (h, 3, dh), ("heads", None, "kv"), cfg
         )
-        qkv = jnp.einsum("bte,ehcd->bthcd", x, qkv_w.astype(dtype)) + qkv_b.astype(dtype)
+        qkv = project(x, "re,ehcd->rhcd", qkv_w.astype(dtype)) + qkv_b.astype(dtype)
         q, k, v = (
             nn.with_logical_constraint(qkv[:, :, :, i], ("batch", "length", "heads", "kv"))
             for i in range(3)
@@ -211,7 +213,7 @@ class Attention(nn.Module):
             self, "dense_kernel", _init(_wang_std(cfg)), (h, dh, d), ("heads", "kv", "embed"), cfg
         )
         out_b = _param(self, "dense_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
-        return jnp.einsum("bthd,hde->bte", out, out_w.astype(dtype)) + out_b.astype(dtype), cache
+        return project(out, "rhd,hde->re", out_w.astype(dtype)) + out_b.astype(dtype), cache
 
 
 class MLP(nn.Module):
@@ -240,11 +242,9 @@ class MLP(nn.Module):
             cfg,
         )
         b2 = _param(self, "down_bias", nn.initializers.zeros, (cfg.d_model,), ("embed",), cfg)
-        y = jnp.einsum("bte,ef->btf", x, w1.astype(dtype)) + b1.astype(dtype)
-        y = nn.with_logical_constraint(
-            jax.nn.gelu(y, approximate=False), ("batch", "length", "mlp")
-        )
-        return jnp.einsum("btf,fe->bte", y, w2.astype(dtype)) + b2.astype(dtype)
+        y = project(x, "re,ef->rf", w1.astype(dtype)) + b1.astype(dtype)
+        y = nn.with_logical_constraint(gelu(y), ("batch", "length", "mlp"))
+        return project(y, "rf,fe->re", w2.astype(dtype)) + b2.astype(dtype)
 
 
 class Block(nn.Module):
@@ -258,10 +258,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache: KVCache | None = None, layer: int = 0):
+        normalized = normalize(x.astype(jnp.float32), self.cfg.layer_norm_eps)  # shared
         attn, cache = Attention(self.cfg, name="attention")(
-            LayerNorm(self.cfg, name="input_layernorm")(x), positions, segment_ids, cache, layer
+            LayerNorm(self.cfg, name="input_layernorm")(x, normalized),
+            positions,
+            segment_ids,
+            cache,
+            layer,
         )
-        mlp = MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="post_attention_layernorm")(x))
+        ln2 = LayerNorm(self.cfg, name="post_attention_layernorm")(x, normalized)
+        mlp = MLP(self.cfg, name="mlp")(ln2)
         x = x + attn + mlp
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
@@ -352,9 +358,9 @@ def lm_head(hidden: jax.Array, kernel: jax.Array, preferred_element_type=None) -
     """The output projection: logits [batch, seq, vocab] = hidden [batch, seq, d_model] @ kernel
     [d_model, vocab] (untied, no bias), in hidden's (compute) dtype, or accumulated in and
     returned as `preferred_element_type` (the loss asks for float32)."""
-    return jnp.einsum(
-        "bte,ev->btv",
+    return project(
         hidden,
+        "re,ev->rv",
         kernel.astype(hidden.dtype),
         preferred_element_type=preferred_element_type,
     )

@@ -21,14 +21,22 @@ alias of XLA's memory analysis, with params and optimizer state donated):
                new moments, all alive until the finite check picks new or old state.
     backward   the gradient of the current microbatch (only with grad_accum > 1), the activations
                every layer saved for the backward under the remat policy, and the larger of
-                 the loss phase: float32 logits and their gradient for one `loss_chunk` of
-                 positions over the device's share of the vocabulary, the final LayerNorm's
-                 residuals, and (fsdp) the gathered output projection and its gradient before
-                 the reduce-scatter, and one whole-size buffer of the input embedding (its
-                 gathered table, then its scatter-added gradient);
+                 the loss phase: the chunked loss forms each chunk's gradient in its forward
+                 (loss.py's custom VJP), after the layers' forward, so it holds, besides the
+                 saved activations: float32 [rows, loss_chunk, vocab share] arrays for one chunk
+                 (the shifted exponentials and the logits' gradient, one gradient per loss term;
+                 while the kernel-gradient matmuls run, those gradients and the chunk's float32
+                 kernel gradient, whole over fsdp), the float32 kernel-gradient accumulator of
+                 each loss term (one partial sum per data shard, so as large as the gradient on
+                 each device), the output projection in the compute dtype (gathered over fsdp),
+                 the hidden states' gradient of each term (kept for the backward, compute dtype,
+                 every token), the final LayerNorm's float32 output and 1/std, its input and its
+                 chunk-major output;
                  the layer phase: one layer's activations recomputed (any policy but none) and
                  (fsdp) that layer's gathered weights and their gradients before the
                  reduce-scatter.
+               The input embedding is never gathered (over fsdp each device looks up its
+               d_model slice for the whole batch), so nothing of it is whole on a device.
 
 Which tensors a layer saves is what `jax.checkpoint` keeps of model.Block for each policy (JAX's
 saved-residual tracing of Block, checked against the buffers the compiled forward scan stacks, and
@@ -93,7 +101,7 @@ class Memory:
     update: int  # optimizer-phase temporaries
     micro_gradients: int  # the current microbatch's gradient (grad_accum > 1)
     activations: int  # what every layer saved for the backward, all layers together
-    loss_phase: int  # loss chunk + final LayerNorm + gathered output projection and its gradient
+    loss_phase: int  # one loss chunk + kernel-gradient accumulators + output projection + hidden
     layer_phase: int  # one recomputed layer + its gathered weights and their gradients
 
     @property
@@ -127,6 +135,8 @@ class MemoryModel:
         self.loss_chunk = min(int(config.train.loss_chunk), self.seq_len)
         self.rules = rules_from_config(config.mesh.get("rules", ()))
         self.packed = config.get("data", {}).get("mode", "concat") == "packed"
+        # The terms the chunked loss differentiates: cross entropy, and the z-loss when it is on.
+        self.loss_terms = 2 if float(config.train.get("z_loss", 0.0)) != 0.0 else 1
         self.c = jnp.dtype(cfg.dtype).itemsize  # compute dtype bytes
         self.boxed = abstract_params(cfg)  # the parameters' shapes, boxed with their logical axes
         self._state_cache: dict[tuple[int, ...], dict[str, float]] = {}
@@ -149,21 +159,14 @@ class MemoryModel:
             )
         rows = micro_rows // div["rows"]
         tokens = rows * self.seq_len
-        cfg, c = self.cfg, self.c
-        d = cfg.d_model
-        layers = cfg.num_layers
+        layers = self.cfg.num_layers
         saved = layers * tokens * self._layer_terms(policy, div)
         saved += tokens * self._once_terms(policy, div)
         if policy == "none":
             saved += layers * self._weight_casts(totals)
-        recompute = (
-            0.0 if policy == "none" else tokens * self._layer_terms("none", div, recomputed=True)
-        )
+        recompute = 0.0 if policy == "none" else tokens * self._layer_terms("none", div)
         layer_phase = recompute + state["layer_gathered"]
-        chunk = self.loss_chunk / div["length"]
-        logits = rows * chunk * 2 * _F32 * cfg.vocab_size / div["vocab"]
-        final_ln = tokens * ((12 + c) * d + c * d) / div["resid"]  # + the hidden, chunk-major
-        loss_phase = logits + final_ln + state["top_gathered"]
+        loss_phase = self._loss_phase(totals, div, rows)
         batch_arrays = 3 if self.packed else 1  # tokens (+ segment ids and positions)
         batch = self.batch // div["rows"] * (self.seq_len + 1) * 4 * batch_arrays
         return Memory(
@@ -234,27 +237,37 @@ class MemoryModel:
 
     def state_bytes(self, totals: Mapping[str, int]) -> dict[str, float]:
         """Bytes per device for mesh axis totals (`axis_totals`), cached per totals: `params`,
-        `grads` (float32), `optimizer`, `top_gathered` and `layer_gathered` (what fsdp gathers, with
-        its gradients, for the loss and the layer phase), and per mesh axis what its collectives
-        share: `gathered_fwd_<axis>`, `gathered_bwd_<axis>`, `gathered_grads_<axis>` (the
-        parameters it shards, gathered, and their float32 gradients) and `replicated_grads_<axis>`
-        (the float32 gradients of those it replicates)."""
+        `grads` (float32), `optimizer`, `layer_gathered` (what fsdp gathers of one layer, with its
+        gradients, for the layer phase), and per mesh axis what its collectives share per
+        microbatch: `gathered_fwd_<axis>`, `gathered_bwd_<axis>` (the parameters it shards,
+        gathered for the forward and for the backward), `gathered_grads_<axis>` (their float32
+        gradients, reduce-scattered) and `replicated_grads_<axis>` (the float32 gradients of the
+        parameters it replicates, all-reduced)."""
         key = tuple(totals[a] for a in MESH_AXES)
         if key not in self._state_cache:
             self._state_cache[key] = self._compute_state_bytes(totals)
         return self._state_cache[key]
 
     def _compute_state_bytes(self, totals: Mapping[str, int]) -> dict[str, float]:
-        params = grads = 0.0
-        top_gathered = top_grads = layer_gathered = layer_grads = 0.0
+        params = grads = layer_gathered = layer_grads = 0.0
         # Per mesh axis, for the collectives: the bytes of the parameters it shards once gathered
         # over it (param_dtype), their float32 gradients likewise, and the float32 gradients of
-        # the parameters it replicates (all-reduced over it).
-        # The input embedding is gathered for the forward's lookup only (its gradient is a
-        # scatter-add, which needs no weights); everything else again in the backward. The output
-        # projection's gradient is summed inside the loss's scan over chunks, and an axis that
-        # replicates it all-reduces it once per chunk (as XLA compiles the scan).
+        # the parameters it replicates (all-reduced over it), as XLA compiles the step:
+        # - the layers and the final LayerNorm are gathered for the forward and again for the
+        #   backward;
+        # - the output projection is gathered once: the loss forms its gradient in the forward.
+        #   That gradient (one per loss term: with the z-loss, two) is summed inside the loss's
+        #   scan over chunks: an axis that shards the kernel (fsdp) reduce-scatters it once per
+        #   chunk; one that replicates it and shards the batch (data) all-reduces it once, after
+        #   the last chunk (the loss keeps one partial sum per data shard); one that replicates
+        #   it and not the batch, once per chunk;
+        # - the input embedding is not gathered: over fsdp, which shards its d_model, XLA looks
+        #   each device's slice up for the whole batch (gathering the token ids, a few KB, and
+        #   resharding the result with an all-to-all, left out here), so its gradient is
+        #   scatter-added into the local slice, with nothing to reduce.
         chunks = math.ceil(self.seq_len / self.loss_chunk)
+        terms = self.loss_terms
+        batch_axes = self._mesh_axes_of(("batch",))
         gathered_fwd = dict.fromkeys(MESH_AXES, 0.0)
         gathered_bwd = dict.fromkeys(MESH_AXES, 0.0)
         gathered_grads = dict.fromkeys(MESH_AXES, 0.0)
@@ -267,29 +280,25 @@ class MemoryModel:
             params += numel * leaf.itemsize
             grads += numel * _F32
             axes = self._mesh_axes_of(leaf.names)
+            top = leaf.path[0]
             for axis in MESH_AXES:
                 if axis in axes:
+                    if top == "embed_in":
+                        continue  # looked up in place (above)
                     gathered_fwd[axis] += numel * totals[axis] * leaf.itemsize
-                    if leaf.path[0] != "embed_in":
+                    if top != "embed_out":
                         gathered_bwd[axis] += numel * totals[axis] * leaf.itemsize
-                    gathered_grads[axis] += numel * totals[axis] * _F32
+                    times = chunks * terms if top == "embed_out" else 1
+                    gathered_grads[axis] += numel * totals[axis] * _F32 * times
                 else:
-                    times = chunks if leaf.path[0] == "embed_out" else 1
+                    times = 1
+                    if top == "embed_out":
+                        times = terms if axis in batch_axes else chunks * terms
                     replicated_grads[axis] += numel * _F32 * times
-            if totals["fsdp"] > 1 and "fsdp" in axes:
+            if totals["fsdp"] > 1 and "fsdp" in axes and leaf.in_layers:
                 full = numel * totals["fsdp"]  # this leaf gathered over fsdp
-                if leaf.in_layers:
-                    layer_gathered += full * leaf.itemsize / self.cfg.num_layers
-                    layer_grads += full * _F32 / self.cfg.num_layers
-                elif leaf.path[0] == "embed_in":
-                    # One whole-size buffer stays live across the backward: the gathered table
-                    # of the forward's lookup, then the scatter-added gradient.
-                    top_gathered += full * max(leaf.itemsize, _F32)
-                else:
-                    # Read after the layers (output projection, final LayerNorm): gathered, and
-                    # its gradient exists whole before the reduce-scatter, in the loss's backward.
-                    top_gathered += full * leaf.itemsize
-                    top_grads += full * _F32
+                layer_gathered += full * leaf.itemsize / self.cfg.num_layers
+                layer_grads += full * _F32 / self.cfg.num_layers
         optimizer = 0.0
         for numel, itemsize, param in self._opt:
             factor = shard[param.path] if param is not None else 1
@@ -298,13 +307,46 @@ class MemoryModel:
             "params": params,
             "grads": grads,
             "optimizer": optimizer,
-            "top_gathered": top_gathered + top_grads,
             "layer_gathered": layer_gathered + layer_grads,
             **{f"gathered_fwd_{a}": gathered_fwd[a] for a in MESH_AXES},
             **{f"gathered_bwd_{a}": gathered_bwd[a] for a in MESH_AXES},
             **{f"gathered_grads_{a}": gathered_grads[a] for a in MESH_AXES},
             **{f"replicated_grads_{a}": replicated_grads[a] for a in MESH_AXES},
         }
+
+    def _loss_phase(self, totals: Mapping[str, int], div: Mapping[str, int], rows: int) -> float:
+        """Bytes per device the chunked loss holds at its peak, beyond the saved activations
+        (loss.py: each chunk's gradient is formed in the forward, by a custom VJP).
+
+        With `terms` the loss terms differentiated (2 with the z-loss, else 1), per device:
+          one chunk        float32 [rows, loss_chunk, vocab share] arrays: the shifted
+                           exponentials and each term's logit gradient, (1 + terms) of them; or,
+                           if larger, once the kernel-gradient matmuls have run, one of those
+                           and each term's float32 kernel gradient of the chunk (the output
+                           projection's shape, whole over fsdp until its reduce-scatter)
+          accumulators     each term's float32 kernel gradient summed over chunks, one partial
+                           sum per data shard laid out one per shard: the gradient's size
+          kernel           the output projection in the compute dtype, gathered over fsdp (no
+                           new buffer when neither gathered nor cast)
+          per token        the hidden states' gradient of each term (compute dtype, kept for
+                           the backward), the final LayerNorm's input (the last layer's output)
+                           and its chunk-major output (compute dtype), its float32 output and
+                           1/std (`ops.normalize`): (4 + (2 + terms)·c)·d + 4
+        """
+        cfg, c = self.cfg, self.c
+        terms = self.loss_terms
+        (kernel,) = (leaf for leaf in self._leaves if leaf.path[0] == "embed_out")
+        numel = kernel.numel / math.prod(self._spec_factors(kernel.names, totals))
+        gathered = "fsdp" in self._mesh_axes_of(kernel.names) and totals["fsdp"] > 1
+        whole = numel * (totals["fsdp"] if gathered else 1)  # the kernel as the loss reads it
+        chunk = rows * self.loss_chunk * cfg.vocab_size * _F32 / div["vocab"]
+        one_chunk = max((1 + terms) * chunk, chunk + terms * whole * _F32)
+        accumulators = terms * numel * _F32
+        cast = gathered or c != kernel.itemsize
+        kernel_bytes = whole * c if cast else 0.0
+        tokens = rows * self.seq_len
+        hidden = tokens * ((4 + (2 + terms) * c) * cfg.d_model / div["resid"] + 4 / div["length"])
+        return one_chunk + accumulators + kernel_bytes + hidden
 
     # ----------------------------------------------------------------- activations
 
@@ -328,9 +370,7 @@ class MemoryModel:
             "length": resid[1],
         }
 
-    def _layer_terms(
-        self, policy: str, div: Mapping[str, int], *, recomputed: bool = False
-    ) -> float:
+    def _layer_terms(self, policy: str, div: Mapping[str, int]) -> float:
         """Bytes one layer saves for the backward, per token of the device's rows.
 
         The residuals `jax.checkpoint` keeps of model.Block (parallel residual, fused QKV, partial
@@ -339,21 +379,24 @@ class MemoryModel:
           dots_no_batch  x, the QKV and MLP-up matmul outputs                c·d + 3c·d + c·f
           dots           those, plus (xla attention) the score and value
                          matmul outputs, accumulated in float32             + 4·h·t + 4·d
-          none           both LayerNorms' float32 statistics (x - mean, the normalised x and the
-                         mean's product; shared, since both LayerNorms read the same x) and their
-                         two outputs                                         12·d + 2c·d
+          none           the LayerNorm core's float32 output and 1/std
+                         (`ops.normalize`, computed once: both LayerNorms
+                         read the same x) and the two LayerNorms' outputs    4·d + 4 + 2c·d
                          rotated q and k, v, the attention output            4c·d
                          xla attention: the float32 exponentials and the
                          c probabilities, two float32 row statistics         (4 + c)·h·t + 8·h
                          flash kernels: only the log-sum-exp                 4·h
-                         GELU's four intermediates                           4c·f
-        with d, f and h divided over the axes the rules give embed, mlp and heads. (These are
-        the per-layer buffers the compiled forward scan stacks; the causal mask and RoPE's tables
-        do not depend on the layer and are kept once: `_once_terms`.)
+                         GELU's output and its derivative (`ops.gelu`)       2c·f
+        with d, f and h divided over the axes the rules give embed, mlp and heads (1/std over
+        the length axis alone). These are the per-layer buffers the compiled forward scan stacks;
+        the causal mask and RoPE's tables do not depend on the layer and are kept once
+        (`_once_terms`).
 
-        `recomputed`: the live set while the backward runs through one rematerialised layer, the
-        `none` set with two of GELU's four intermediates (the MLP's backward, which runs first,
-        consumes them as it goes; XLA's compiled peak on CPU matches this within a few percent).
+        A rematerialised layer's backward starts with its `none` set recomputed and all of it
+        live (the MLP's backward, which runs first, reads GELU's two arrays; the attention's then
+        reads the rest): that is the recomputed layer of the layer phase. (configs/small.py with
+        a 4096-token vocabulary, so that the layer phase is the peak, on fsdp:8: 6% above XLA's
+        compiled figure on CPU under full, 5% under dots_no_batch.)
         """
         cfg, c = self.cfg, self.c
         d, f, h, t = cfg.d_model, cfg.d_ff, cfg.num_heads, self.seq_len
@@ -368,13 +411,13 @@ class MemoryModel:
         if policy == "dots":
             extra = (4 * h * t / div["heads_only"] + 4 * d / div["heads"]) if xla else 0.0
             return x + qkv + up + extra
-        ln = (12 + 2 * c) * d / div["resid"]
+        ln = (4 + 2 * c) * d / div["resid"] + 4 / div["length"]
         attn_in_out = 4 * c * d / div["heads"]
         if xla:
             attn = ((4 + c) * h * t + 8 * h) / div["heads_only"]
         else:
             attn = 4 * h / div["heads_only"]
-        gelu = (2 if recomputed else 4) * c * f / div["mlp"]
+        gelu = 2 * c * f / div["mlp"]
         return ln + attn_in_out + attn + gelu
 
     def _once_terms(self, policy: str, div: Mapping[str, int]) -> float:

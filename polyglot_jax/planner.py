@@ -17,22 +17,32 @@ Memory: `plan_memory.MemoryModel` (its module docstring has the model), which th
 `Planner.memory` is its figure for one layout.
 
 Time (per step): compute = executed FLOPs / (devices x peak x mfu), where executed FLOPs are the
-model FLOPs of `flops.training_flops_per_token` plus what remat recomputes (the whole layer forward
-for `full`, the attention matmuls where the policy does not keep them, and the output projection,
-which the chunked loss always recomputes); `mfu` is the fraction of peak the executed matmuls reach.
-Plus the exposed part of the collectives, per microbatch (the accumulation scan's carry is sharded
-like the parameters, so XLA reduces every microbatch's gradient inside the scan):
+model FLOPs of `flops.training_flops_per_token` plus what remat recomputes
+(`flops.recompute_flops_per_token`: for `full` the forward of the matmuls whose outputs the backward
+reads, QKV, attention and MLP up; for `dots_no_batch` the attention matmuls; plus, with a fused
+attention kernel, which is no dot, its forward under any policy but none); the chunked loss
+recomputes nothing (it forms each chunk's gradient in its forward); `mfu` is the fraction of peak
+the executed matmuls reach. Plus the exposed part of the collectives, per microbatch (the
+accumulation scan's carry is sharded like the parameters, so XLA reduces every microbatch's
+gradient inside the scan):
 
   data, fsdp  the parameters an axis shards are all-gathered (param_dtype: XLA gathers the float32
-              master weights, then casts) for the forward and again for the backward (the input
-              embedding only for the forward) and their float32 gradients reduce-scattered; the
-              gradients of the parameters it replicates are all-reduced over it (data: all of
-              them, the output projection's once per loss chunk, since the loss's scan sums it);
+              master weights, then casts) for the forward and again for the backward, except the
+              output projection (gathered once, for the loss) and the input embedding (never
+              gathered: over fsdp, which shards its d_model, each device looks its slice up for
+              the whole batch and an all-to-all reshards the result, left out here; its gradient
+              stays local); their float32 gradients are reduce-scattered, the output
+              projection's once per loss chunk (inside the loss's scan); the gradients of the
+              parameters an axis replicates are all-reduced over it (data: all of them, once
+              per microbatch; the loss sums the output projection's per data shard over the
+              chunks and reduces it once);
   model       tensor parallelism: sharded weights are used in place; all-reduces of [tokens,
               d_model] activations in the compute dtype, 2 per layer forward (attention and MLP
-              outputs), 2 backward (their inputs' gradients), 2 more when `full` recomputes the
-              forward, and 2 for the vocab-sharded embedding and output projection; plus the
-              gradients of the weights it replicates (LayerNorms, output biases).
+              outputs), 2 backward (their inputs' gradients), whatever the policy (`full`
+              recomputes neither projection they follow), 1 for the vocab-sharded embedding
+              and 1 per loss term (2 with the z-loss) for the output projection's hidden-state
+              gradient; plus the gradients of the weights it replicates (LayerNorms, output
+              biases).
 
 `Candidate.collective_bytes` counts these as mesh_bench does ((n - 1)/n x the array's bytes per
 collective): the tests match XLA's compiled figures on CPU. Ring times: all-gather and
@@ -56,7 +66,7 @@ import ml_collections
 
 from polyglot_jax.config import check_train
 from polyglot_jax.errors import ConfigError
-from polyglot_jax.flops import training_flops_per_token
+from polyglot_jax.flops import recompute_flops_per_token, training_flops_per_token
 from polyglot_jax.hardware import DeviceKind, device_kind
 from polyglot_jax.model import REMAT_POLICIES, ModelConfig
 from polyglot_jax.partitioning import (
@@ -338,14 +348,12 @@ class Planner:
 
     def _executed_flops_per_token(self, policy: str) -> tuple[float, float]:
         """(forward, backward) FLOPs per token, the backward with what remat recomputes."""
-        cfg = self.cfg
+        cfg = dataclasses.replace(self.cfg, remat_policy=policy)
         model = self.model_flops_per_token
-        attention_fwd = 4.0 * cfg.num_layers * cfg.d_model * self.seq_len
-        recompute = 2.0 * cfg.d_model * cfg.vocab_size  # the chunked loss recomputes lm_head
-        if policy == "full":
-            recompute += 2.0 * self.layer_params + attention_fwd
-        elif policy == "dots_no_batch" or (policy == "dots" and cfg.attention_impl != "xla"):
-            recompute += attention_fwd
+        recompute = recompute_flops_per_token(cfg, self.seq_len)
+        if policy != "none" and cfg.attention_impl != "xla":
+            # A fused attention kernel is no dot, so every policy but none recomputes it.
+            recompute += 4.0 * cfg.num_layers * cfg.d_model * self.seq_len
         return model / 3.0, 2.0 * model / 3.0 + recompute
 
     def evaluate(self, mesh: Mapping[str, int], policy: str, grad_accum: int) -> Candidate:
@@ -381,7 +389,7 @@ class Planner:
         for axis in MESH_AXES:
             sent["all-reduce"][axis] = ring(axis, state[f"replicated_grads_{axis}"])
         layers = self.cfg.num_layers
-        model_collectives = layers * (4 + (2 if policy == "full" else 0)) + 2
+        model_collectives = layers * 4 + 1 + self.memory_model.loss_terms
         act_bytes = rows * self.seq_len * self.cfg.d_model * self.c / div["resid"]
         activations = model_collectives * ring("model", act_bytes)
         # An all-reduce is a reduce-scatter then an all-gather: twice the ring time.

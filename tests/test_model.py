@@ -167,3 +167,57 @@ def test_lm_head_is_the_models_output_projection():
     wide = lm_head(hidden, lm_head_kernel(params), preferred_element_type=jnp.float32)
     assert wide.dtype == jnp.float32
     np.testing.assert_allclose(wide, np.asarray(logits, np.float32), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "case, scan_layers, policy",
+    [("pct0.25_odd_heads", True, "none"), ("pct0.5", False, "none"), ("pct0.5", True, "full")],
+)
+def test_training_gradients_match_transformers(case, scan_layers, policy):
+    """d(mean next-token cross entropy + z-loss)/d(params) through our model and chunked loss
+    (hand-written backward of the loss, LayerNorm and GELU) = torch autograd through
+    GPTNeoXForCausalLM in float64, every parameter, mapped back with the HF mapping."""
+    from hf_reference import require_torch
+
+    from polyglot_jax.loss import chunked_cross_entropy
+    from polyglot_jax.model import lm_head_kernel
+
+    torch = require_torch()
+    cfg = _cfg(case, scan_layers=scan_layers, remat_policy=policy)
+    hf = random_hf_model(cfg, seed=7, std=0.1)
+    params = from_hf_state_dict(hf_state_dict(hf), cfg)
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, cfg.vocab_size, (3, 18))
+    mask = (rng.random((3, 17)) > 0.2).astype(np.float32)
+    z_loss = 1e-2
+
+    ref = hf.double()
+    logits = ref(torch.as_tensor(tokens[:, :-1])).logits
+    log_z = torch.logsumexp(logits, -1)
+    target = torch.gather(logits, -1, torch.as_tensor(tokens[:, 1:])[..., None])[..., 0]
+    m = torch.as_tensor(mask, dtype=torch.float64)
+    ((((log_z - target) + z_loss * log_z**2) * m).sum() / m.sum()).backward()
+    want = from_hf_state_dict(
+        {k: p.grad.numpy().astype(np.float32) for k, p in ref.named_parameters()}, cfg
+    )
+
+    def loss(p):
+        hidden = GPTNeoX(cfg).apply({"params": p}, jnp.asarray(tokens[:, :-1]), return_hidden=True)
+        ce, zl, count = chunked_cross_entropy(
+            hidden,
+            lm_head_kernel(p),
+            jnp.asarray(tokens[:, 1:]),
+            jnp.asarray(mask),
+            chunk=5,
+            z_loss=z_loss,
+        )
+        return (ce + zl) / count
+
+    got = jax.jit(jax.grad(loss))(params)
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+        w = flat_want[path]
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(
+            np.asarray(g), w, rtol=1e-3, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path)
+        )
