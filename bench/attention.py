@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from polyglot_jax import jax_compat  # noqa: E402
 from polyglot_jax.kernels import Tiling, flash_attention, rope  # noqa: E402
 from polyglot_jax.kernels import backend as backend_lib  # noqa: E402
 from polyglot_jax.rope import apply_rope  # noqa: E402
@@ -304,9 +305,10 @@ def triton_resources(args) -> list[dict]:
                     return jnp.sum(out.astype(jnp.float32))
 
                 captured.clear()
-                jax.jit(jax.grad(loss, (0, 1, 2))).trace(qkv, qkv, qkv, ids, ids).lower(
-                    lowering_platforms=("cuda",)
-                )
+                with jax_compat.gpu_lowering_target(sm):
+                    jax.jit(jax.grad(loss, (0, 1, 2))).trace(qkv, qkv, qkv, ids, ids).lower(
+                        lowering_platforms=("cuda",)
+                    )
                 kernels = zip(captured, ("fwd", "dkdv", "dq"), launch, strict=True)
                 for (ir, _), name, (warps, stages) in kernels:
                     row = dict(
@@ -329,7 +331,11 @@ def triton_resources(args) -> list[dict]:
             return jnp.sum(rope(x, p, rotary_dim=ROTARY_DIM, backend="triton").astype(jnp.float32))
 
         captured.clear()
-        jax.jit(jax.grad(rope_loss)).trace(x, positions).lower(lowering_platforms=("cuda",))
+        # value_and_grad: with grad alone jax 0.12 drops the (unused) forward kernel.
+        with jax_compat.gpu_lowering_target(sm):
+            jax.jit(jax.value_and_grad(rope_loss)).trace(x, positions).lower(
+                lowering_platforms=("cuda",)
+            )
         for (ir, _), name in zip(captured, ("rope_fwd", "rope_bwd"), strict=True):
             row = dict(
                 head_dim=128,

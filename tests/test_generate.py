@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from hf_reference import random_hf_model
+from hf_reference import random_hf_model, require_torch
 
 from polyglot_jax.errors import ConfigError, InputError
 from polyglot_jax.generate import Generator, Sampling, decode_loop
@@ -37,6 +36,7 @@ def hf_model(tmp_path_factory):
 
 def _hf_greedy(model, prompt, max_new, **kwargs):
     """transformers' greedy ids and the float64 log-softmax of its raw logits at each new token."""
+    torch = require_torch()
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, output_logits=True,

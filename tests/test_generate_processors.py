@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
+from hf_reference import require_torch
 from transformers import (
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -25,6 +25,8 @@ from transformers import (
 
 from polyglot_jax.generate import Generator, Knobs, Sampling, process_logits
 from polyglot_jax.model import ModelConfig
+
+torch = require_torch()
 
 EOS = 7
 TOP_KS = (0, 1, 5, "vocab+3")

@@ -118,8 +118,13 @@ def test_cudnn_refuses_packed_segments():
 
 def test_pallas_hopper_model_matches_xla_in_bfloat16():
     """attention_impl='pallas_hopper' (the Mosaic GPU forward, GPU interpret mode on CPU): logits of
-    packed documents and the parameter gradients agree with the xla implementation."""
-    cfg = ModelConfig(128, 1, 128, 256, 2, 32, dtype="bfloat16", attention_impl="xla")
+    packed documents and the parameter gradients agree with the xla implementation.
+
+    Unscanned: flax >= 0.12.9 (the Python 3.12 line) rejects the GPU interpreter's callbacks
+    inside `nn.scan` (google/flax#5540); the kernel is the same either way."""
+    cfg = ModelConfig(
+        128, 1, 128, 256, 2, 32, dtype="bfloat16", attention_impl="xla", scan_layers=False
+    )
     hopper = dataclasses.replace(cfg, attention_impl="pallas_hopper")
     rng = np.random.default_rng(6)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 100)))

@@ -77,11 +77,11 @@ case $action in
       --version="$version" "${extra[@]}"
     ;;
   setup)
-    # One tarball of the repository (no .git, .venv, runs), to every worker, unpacked and installed.
+    # One tarball of the repository (no .git, .venv*, runs), to every worker, unpacked and installed.
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     tarball=$tmp/polyglot_jax.tgz
-    COPYFILE_DISABLE=1 run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=runs \
+    COPYFILE_DISABLE=1 run tar -czf "$tarball" --exclude=.git --exclude='.venv*' --exclude=runs \
       --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache .
     run "${tpu[@]}" scp "$tarball" "$TPU_NAME:polyglot_jax.tgz" "${where[@]}" --worker=all
     on_all "mkdir -p $(shq "$remote_dir") && tar -xzf polyglot_jax.tgz -C $(shq "$remote_dir") && bash $(shq "$remote_dir/launch/tpu/worker_setup.sh")"

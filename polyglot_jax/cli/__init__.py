@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 import pathlib
 import pkgutil
 import sys
@@ -165,6 +166,9 @@ def _load_config_flags() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    # Without torch (the package needs none), importing transformers prints "PyTorch was not
+    # found..." to stderr: advice for model users, noise before our one-line errors.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return

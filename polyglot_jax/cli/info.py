@@ -1,7 +1,9 @@
-"""Exact parameter count and a shape summary of a config's model (no allocation)."""
+"""Exact parameter count and a shape summary of a config's model (no allocation); with
+``--show_devices``, which backend, platform version and devices JAX sees on this machine."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 
@@ -22,6 +24,57 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "Device count to check the mesh against (default: this machine's)."
 )
+_SHOW_DEVICES = flags.DEFINE_bool(
+    "show_devices",
+    False,
+    "Print the backend, platform version and devices JAX sees (and the installed accelerator "
+    "plugins); --config is then optional.",
+)
+
+# What `pip install -e '.[cuda12]'`, `'.[cuda13]'` and `'.[tpu]'` bring (setup.cfg's extras).
+ACCELERATOR_PACKAGES = ("jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
+
+
+def device_report() -> dict:
+    """The jax and jaxlib versions, the default backend and its platform version, every device
+    (global, across processes) and the accelerator plugin packages installed."""
+    import jaxlib
+
+    devices = jax.devices()
+    plugins = {}
+    for name in ACCELERATOR_PACKAGES:
+        try:
+            plugins[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "platform_version": " ".join(str(devices[0].client.platform_version).split()),
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "local_device_count": jax.local_device_count(),
+        "device_count": len(devices),
+        "devices": [
+            {"id": d.id, "kind": d.device_kind, "platform": d.platform, "process": d.process_index}
+            for d in devices
+        ],
+        "plugins": plugins,
+    }
+
+
+def _print_devices(report: dict) -> None:
+    print(f"jax         {report['jax']} (jaxlib {report['jaxlib']})")
+    print(f"backend     {report['backend']} (platform version: {report['platform_version']})")
+    print(
+        f"devices     {report['device_count']} ({report['local_device_count']} local, "
+        f"process {report['process_index']} of {report['process_count']})"
+    )
+    for d in report["devices"]:
+        print(f"  {d['id']:<4} {d['platform']:<6} {d['kind']}  (process {d['process']})")
+    plugins = ", ".join(f"{k} {v}" for k, v in report["plugins"].items())
+    print(f"plugins     {plugins or 'none (CPU only)'}")
 
 
 def summarize(config: ml_collections.ConfigDict, num_devices: int) -> dict:
@@ -51,14 +104,27 @@ def summarize(config: ml_collections.ConfigDict, num_devices: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    report = device_report() if _SHOW_DEVICES.value else None
+    if _CONFIG.value is None and report is not None:
+        if _JSON.value:
+            print(json.dumps(report))
+        else:
+            _print_devices(report)
+        return
     if _CONFIG.value is None:
-        raise ConfigError("--config is required (e.g. --config=configs/tiny.py)")
+        raise ConfigError(
+            "--config is required (e.g. --config=configs/tiny.py), or --show_devices alone"
+        )
     if _DEVICES.value is not None and _DEVICES.value <= 0:
         raise ConfigError(f"--devices={_DEVICES.value} must be a positive int")
     info = summarize(_CONFIG.value, _DEVICES.value or jax.device_count())
+    if report is not None:
+        info["backend"] = report
     if _JSON.value:
         print(json.dumps(info))
         return
+    if report is not None:
+        _print_devices(report)
     print(
         f"parameters  {info['parameters']:,}  ({info['param_bytes'] / 2**30:.2f} GiB of master weights)"
     )

@@ -1,22 +1,22 @@
 """Which Pallas lowering a kernel call uses, its compiler parameters, and the call itself.
 
-Lowerings: ``"triton"`` (NVIDIA GPUs, A100 and H100; deprecated upstream since jax 0.11, so every
-Triton-specific import lives in this module), ``"mosaic_tpu"`` (TPU), ``"interpret"`` (any device,
-the kernel body run as ordinary XLA ops; what the CPU tests use) and ``"mosaic_gpu"`` (Hopper only,
-never picked automatically: flash attention as warp-specialised Mosaic GPU kernels; with
+Lowerings: ``"triton"`` (NVIDIA GPUs, A100 and H100; deprecated upstream since jax 0.11, so its
+one import lives in ``polyglot_jax.jax_compat``), ``"mosaic_tpu"`` (TPU), ``"interpret"`` (any
+device, the kernel body run as ordinary XLA ops; what the CPU tests use) and ``"mosaic_gpu"``
+(Hopper only, never picked automatically: flash attention as warp-specialised Mosaic GPU kernels; with
 ``interpret=True`` it runs in Pallas' GPU interpret mode, which simulates shared memory, TMA and
 barriers on the CPU).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from polyglot_jax import jax_compat
 from polyglot_jax.errors import ConfigError
 
 BACKENDS = ("interpret", "triton", "mosaic_tpu", "mosaic_gpu")
@@ -27,7 +27,8 @@ def resolve_backend(interpret: bool | None, backend: str | None = None) -> str:
 
     ``interpret=None`` means interpret mode on CPU and the native lowering elsewhere. ``backend`` names a
     lowering explicitly (e.g. ``"triton"`` to lower for a GPU from a CPU host with
-    ``jit(...).trace(...).lower(lowering_platforms=("cuda",))``).
+    ``jit(...).trace(...).lower(lowering_platforms=("cuda",))`` inside
+    ``jax_compat.gpu_lowering_target()``).
     """
     if backend is not None:
         if backend not in BACKENDS:
@@ -58,21 +59,12 @@ def compiler_params(backend: str, *, num_warps: int, num_stages: int, grid_rank:
     here carries state across grid steps).
     """
     if backend == "triton":
-        return _triton_compiler_params(num_warps=num_warps, num_stages=num_stages)
+        return jax_compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages)
     if backend == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
     return None
-
-
-def _triton_compiler_params(*, num_warps: int, num_stages: int):
-    # The Triton lowering is deprecated from jax 0.11 on: import it lazily, quietly, and only here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def compute_capability(backend: str) -> int:
@@ -125,7 +117,7 @@ def pallas_call_by_name(
 
     return pl.pallas_call(
         kernel,
-        out_shape=[varying_like(arrays[0], shape) for _, shape, _ in outputs],
+        out_shape=[jax_compat.shape_varying_like(arrays[0], shape) for _, shape, _ in outputs],
         grid=grid,
         in_specs=in_specs,
         out_specs=[spec for _, _, spec in outputs],
@@ -137,21 +129,3 @@ def pallas_call_by_name(
         cost_estimate=cost,
         name=name,
     )(*arrays)
-
-
-def varying_like(like: jax.Array, shape: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    """``shape`` marked as varying over the same manual mesh axes as ``like``.
-
-    ``shard_map(check_vma=True)`` requires pallas_call outputs to say how they vary; outside
-    shard_map the annotation is empty and ignored. The keyword has moved between jax versions.
-    """
-    aval = jax.typeof(like)
-    for keyword, attribute in (("manual_axis_type", "mat"), ("vma", "vma")):
-        value = getattr(aval, attribute, None)
-        if value is None:
-            continue
-        try:
-            return jax.ShapeDtypeStruct(shape.shape, shape.dtype, **{keyword: value})
-        except TypeError:
-            continue
-    return shape

@@ -25,10 +25,12 @@ from polyglot_jax.kernels.hopper_common import (
     TMA_REGISTERS,
     Head,
     Registers,
+    chunk_smem,
     launch,
     mosaic_gpu,
     n_tile_copies,
     pass_over,
+    release,
     rotated_chunks,
     smem,
     stream,
@@ -68,7 +70,7 @@ def _side_buffers(plgpu, plan: Plan, dtype, count: int, rows: int, queries: bool
     query side and V on the key side; lse/delta exist on the query side only."""
     stat = lambda: plgpu.SMEM((count, rows), jnp.float32) if queries else None  # noqa: E731
     return (
-        [smem(plgpu, (count, rows, n), dtype, True) for _, n in plan.chunks],
+        chunk_smem(plgpu, plan, count, rows, dtype),
         smem(plgpu, (count, rows, plan.head_dim), dtype, True),
         stat(),
         stat(),
@@ -155,7 +157,7 @@ def _dq_kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
                     regs.matmul(g.shape, [(ds, k_chunks[c], False)], into=g)
                     for c, g in enumerate(grads)
                 )
-                plgpu.barrier_arrive(free.at[slot])
+                release(free.at[slot])
                 return grads
 
             if plan.causal:
@@ -247,7 +249,7 @@ def _dkdv_kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
                     regs.matmul(g.shape, [(ds_t, q_chunks[c], False)], into=g)
                     for c, g in enumerate(dks)
                 )
-                plgpu.barrier_arrive(free.at[slot])
+                release(free.at[slot])
                 return dv, dks
 
             first = jnp.minimum(lax.div(k_start, bq), n_real) if plan.causal else 0

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from polyglot_jax import jax_compat
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.kernels.plan import HopperTiling, Plan
 
@@ -59,14 +60,26 @@ def mosaic_gpu():
     return plgpu
 
 
-def smem(plgpu, shape: tuple[int, ...], dtype, swizzled: bool):
-    """A shared buffer; wgmma operands get the (8, swizzle) tiling and the widest swizzle that fits."""
+def smem(plgpu, shape: tuple[int, ...], dtype, swizzled: bool, column: int = 0):
+    """A shared buffer; wgmma operands get the (8, swizzle) tiling and the widest swizzle that fits.
+
+    ``column``: where the buffer's columns start in the GMEM row it is copied from or to by TMA. A
+    tile must not straddle that start (Mosaic GPU checks this from jax 0.11 on: a 64-wide chunk at
+    column 32 takes the 64-byte swizzle, whose tiles are 32 bf16 wide, not the 128-byte one).
+    """
     if not swizzled:
         return plgpu.SMEM(shape, dtype)
-    row_bytes = shape[-1] * jnp.dtype(dtype).itemsize
-    swizzle = max(s for s in (32, 64, 128) if row_bytes % s == 0)
+    itemsize = jnp.dtype(dtype).itemsize
+    row_bytes, start_bytes = shape[-1] * itemsize, column * itemsize
+    swizzle = max(s for s in (32, 64, 128) if row_bytes % s == 0 and start_bytes % s == 0)
     tiling = plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize))
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def chunk_smem(plgpu, plan: Plan, lead: int, rows: int, dtype) -> list:
+    """One swizzled buffer ``[lead, rows, size]`` per head-dim chunk of ``plan`` (``Head.copy_tile``
+    fills them from, and the kernels write results through them to, columns ``start:start+size``)."""
+    return [smem(plgpu, (lead, rows, size), dtype, True, start) for start, size in plan.chunks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +132,7 @@ class Registers:
         return x if self.interpret else mosaic_gpu().layout_cast(x, self._layout(kind))
 
     def load(self, ref, kind: str = "tile") -> jax.Array:
-        return ref[...] if self.interpret else mosaic_gpu().load(ref, (), layout=self._layout(kind))
+        return ref[...] if self.interpret else jax_compat.mosaic_gpu_load(ref, self._layout(kind))
 
     def matmul(self, shape: tuple[int, int], terms: list[tuple], *, into: jax.Array | None = None,
                while_running: Callable[[], None] | None = None) -> jax.Array:  # fmt: skip
@@ -185,6 +198,19 @@ def stream(begin, end, stages: int, issue: Callable, free: Sequence) -> None:
     @pl.loop(jnp.maximum(end - stages, begin), end)
     def _(j):
         wait_free(j)
+
+
+def release(barrier) -> None:
+    """Hand a ring slot back to the TMA warp group once this compute group is done reading it.
+
+    ``commit_smem`` first: the group read the slot through the generic proxy (RoPE, segment ids,
+    and every read in GPU interpret mode), and the TMA copy that refills it writes through the
+    async proxy, so the reads must be fenced before the "free" barrier lets that copy start.
+    Pallas' GPU interpreter checks this from jax 0.11 on (a data race otherwise).
+    """
+    plgpu = mosaic_gpu()
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(barrier)
 
 
 def pass_over(lo, hi, begin, stages: int, loaded: Sequence, free: Sequence,
@@ -260,12 +286,10 @@ def launch(
     out_names = list(out_type)
     b, t, h, _ = inputs["q"].shape
     params = {}
-    if plan.hopper_interpret:  # public from jax 0.11 on
-        params_cls = getattr(plgpu, "InterpretGPUParams", None)
-        if params_cls is None:
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params_cls
-
-        params["interpret"] = params_cls(detect_races=True, uninitialized_memory="nan")
+    if plan.hopper_interpret:
+        params["interpret"] = jax_compat.interpret_gpu_params(
+            detect_races=True, uninitialized_memory="nan"
+        )
     outs = plgpu.kernel(
         functools.partial(kernel, plan, tiling, names + out_names),
         out_type=tuple(out_type.values()),
@@ -276,18 +300,4 @@ def launch(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **params,
     )(*(inputs[n] for n in names))
-    return {n: _vary_like(inputs["q"], x) for n, x in zip(out_names, outs, strict=True)}
-
-
-def _vary_like(like: jax.Array, x: jax.Array) -> jax.Array:
-    """x marked as varying over every manual mesh axis ``like`` varies over (inside shard_map with
-    check_vma, plgpu.kernel's outputs carry no such type; custom_vjp insists on matching types)."""
-    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _varying_axes(x: jax.Array) -> set[str]:
-    aval = jax.typeof(x)
-    if hasattr(aval, "mat"):  # jax 0.10
-        return set(aval.mat.varying)
-    return set(getattr(aval, "vma", ()))
+    return {n: jax_compat.vary_like(inputs["q"], x) for n, x in zip(out_names, outs, strict=True)}

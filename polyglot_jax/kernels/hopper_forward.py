@@ -34,10 +34,12 @@ from polyglot_jax.kernels.hopper_common import (
     TMA_REGISTERS,
     Head,
     Registers,
+    chunk_smem,
     launch,
     mosaic_gpu,
     n_tile_copies,
     pass_over,
+    release,
     rotated_chunks,
     smem,
     stream,
@@ -125,7 +127,7 @@ def _kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
                     seg_cols = regs.load(segk_smem.at[slot], "columns") if segmented else None
                     mask = visible(regs, plan, (bq, bk), q_start, j * bk, seg_rows, seg_cols)
                     s = jnp.where(mask, s, MASK_VALUE)
-                plgpu.barrier_arrive(k_free.at[slot])
+                release(k_free.at[slot])
 
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
@@ -141,7 +143,7 @@ def _kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
                     plgpu.barrier_wait(turn)
 
                 acc = regs.matmul((bq, d), [(p, v_smem.at[slot], False)], into=acc)
-                plgpu.barrier_arrive(v_free.at[slot])
+                release(v_free.at[slot])
                 return acc, m_new, denom
 
             carry = (
@@ -190,14 +192,14 @@ def _kernel(plan: Plan, tiling: HopperTiling, names: list[str], *refs):
     half = plan.rotary_dim // 2
     g = tiling.groups
     compute = (
-        [smem(plgpu, (g, bq, n), dtype, True) for _, n in chunks],
+        chunk_smem(plgpu, plan, g, bq, dtype),
         [smem(plgpu, (g, bk, half), dtype, True) for _ in range(2)] if rotary else None,
         plgpu.SMEM((g, bq), jnp.float32),
         [smem(plgpu, (g, bq, half), jnp.float32, True) for _ in range(2)] if rotary else None,
         plgpu.SMEM((g, bq), jnp.int32) if segmented else None,
     )
     ring = (
-        [smem(plgpu, (stages, bk, n), dtype, True) for _, n in chunks],
+        chunk_smem(plgpu, plan, stages, bk, dtype),
         smem(plgpu, (stages, bk, d), dtype, True),
         [smem(plgpu, (stages, bk, half), jnp.float32, True) for _ in range(2)] if rotary else None,
         plgpu.SMEM((stages, bk), jnp.int32) if segmented else None,

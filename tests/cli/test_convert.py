@@ -10,12 +10,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
+from hf_reference import require_torch
 
 from polyglot_jax.checkpoint import Checkpointer
 from polyglot_jax.config import base_config
 from polyglot_jax.model import ModelConfig, abstract_params
+
+torch = require_torch()
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODEL = dict(

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from hf_reference import random_hf_model
+from hf_reference import random_hf_model, require_torch
 from train_fixtures import REPO
 
 from polyglot_jax.hf.mapping import to_hf_config
@@ -131,7 +131,7 @@ def test_workdir_from_hf_prompts_file_matches_transformers(tmp_path):
     """HF dir -> `from-hf` workdir -> `generate --workdir --dtype=float32 --prompts_file`: each
     line's greedy ids and log-probabilities are transformers' on the original weights, with
     prompts of different lengths sharing batches (--batch_size=2)."""
-    import torch
+    torch = require_torch()
 
     from polyglot_jax.generate_weights import load_from_workdir
     from polyglot_jax.hf.convert import from_hf

@@ -58,6 +58,42 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert "Traceback" not in out.stderr
 
 
+def test_show_devices_names_the_backend_platform_version_and_every_device():
+    """What a cluster user runs after `pip install -e '.[cuda13]'`: here the 8 fake CPU devices
+    of the test environment (conftest's XLA_FLAGS, inherited by the subprocess)."""
+    import jax
+    import jaxlib
+
+    out = _run("info", "--show_devices", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["jax"], report["jaxlib"]) == (jax.__version__, jaxlib.__version__)
+    assert report["backend"] == "cpu" and report["platform_version"] == "cpu"
+    assert report["device_count"] == report["local_device_count"] == 8
+    assert (report["process_index"], report["process_count"]) == (0, 1)
+    assert [d["id"] for d in report["devices"]] == list(range(8))
+    assert {(d["platform"], d["kind"], d["process"]) for d in report["devices"]} == {
+        ("cpu", "cpu", 0)
+    }
+    assert report["plugins"] == {}  # no jax-cuda*/libtpu plugin on a CPU test machine
+
+    text = _run("info", "--show_devices")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"jax         {jax.__version__} (jaxlib {jaxlib.__version__})"
+    assert lines[1] == "backend     cpu (platform version: cpu)"
+    assert lines[2] == "devices     8 (8 local, process 0 of 1)"
+    assert len([line for line in lines if line.startswith("  ")]) == 8
+    assert lines[-1] == "plugins     none (CPU only)"
+
+
+def test_show_devices_with_a_config_adds_the_backend_to_the_summary():
+    out = _run("info", "--config=configs/tiny.py", "--show_devices", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["parameters"] > 0 and info["backend"]["device_count"] == 8
+
+
 def test_info_checks_the_train_section_but_not_this_machines_kernels():
     """A short run of tiny (warmup 30 > steps 5) is fine; a pallas_hopper config for an H100 can
     be inspected on a CPU machine (only `train` checks the attention kernel against the backend)."""

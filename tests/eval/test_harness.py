@@ -18,11 +18,11 @@ import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
-from hf_reference import random_hf_model  # noqa: E402
+from hf_reference import random_hf_model, require_torch  # noqa: E402
 
 from polyglot_jax.model import ModelConfig  # noqa: E402
 
+torch = require_torch()
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate", reason="lm-eval's HFLM (the reference) imports accelerate")
 

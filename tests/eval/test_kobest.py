@@ -10,13 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from hf_reference import random_hf_model
+from hf_reference import random_hf_model, require_torch
 from train_fixtures import REPO
 
 from polyglot_jax.errors import InputError
 from polyglot_jax.eval import kobest
 from polyglot_jax.model import ModelConfig
+
+torch = require_torch()
 
 
 def _macro_f1(gold, pred):

@@ -5,14 +5,15 @@ each is the argmax; one device against a sharded mesh."""
 import jax
 import numpy as np
 import pytest
-import torch
-from hf_reference import random_hf_model
+from hf_reference import random_hf_model, require_torch
 
 from polyglot_jax.errors import InputError
 from polyglot_jax.eval.loglikelihood import Scorer
 from polyglot_jax.generate_weights import load_from_hf
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
+
+torch = require_torch()
 
 CFG = ModelConfig(
     vocab_size=128, num_layers=2, d_model=64, d_ff=128, num_heads=4, rotary_dim=8, max_len=48

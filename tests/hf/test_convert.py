@@ -17,8 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import torch
-from hf_reference import hf_logits, hf_state_dict, random_hf_model
+from hf_reference import hf_logits, hf_state_dict, random_hf_model, require_torch
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -33,6 +32,8 @@ from polyglot_jax.hf.orbax_arrays import CheckpointReader, CheckpointWriter
 from polyglot_jax.model import GPTNeoX, ModelConfig, abstract_params
 from polyglot_jax.partitioning import logical_shardings, make_mesh, rules_from_config
 from polyglot_jax.workdir import load_run_config
+
+torch = require_torch()
 
 # Every dimension divides a (fsdp 2, model 4) mesh; distinct sizes catch transposition mistakes.
 MODEL = dict(

@@ -12,8 +12,8 @@ import re
 import shutil
 
 import pytest
-import torch
 import yaml
+from hf_reference import require_torch
 from train_fixtures import tiny_config, tiny_shards
 from transformers import AutoModelForCausalLM
 
@@ -79,6 +79,7 @@ def test_the_card_states_what_the_run_files_say(run, tmp_path):
     assert "gpt_neox" in meta["tags"]
     assert card.count("\n# polyglot-ko-tiny\n") == 1
 
+    torch = require_torch()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
     assert f"**{parameters:,} parameters**" in card
@@ -137,6 +138,7 @@ def test_the_card_snippet_runs(run, tmp_path):
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert len(code.strip().splitlines()) <= 6
     code = code.replace('"hf"', repr(str(out))).replace("max_new_tokens=32", "max_new_tokens=3")
+    require_torch()  # the snippet loads the model with transformers (torch)
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the card's own snippet
 
 
@@ -200,9 +202,10 @@ def test_a_run_without_tokenizer(run, tmp_path):
     card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     assert "The run named no tokenizer: this export has none. config.json's eos id is 2." in card
     assert "AutoTokenizer" not in card and "torch.tensor([[5, 17, 9]])" in card
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    exec(compile(code.replace('"hf"', repr(str(tmp_path / "hf"))), "README.md", "exec"), {})
     assert "`builtin`: the built-in Korean sample" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    require_torch()  # the snippet loads the model with transformers (torch)
+    exec(compile(code.replace('"hf"', repr(str(tmp_path / "hf"))), "README.md", "exec"), {})
 
 
 @pytest.mark.parametrize(
@@ -235,5 +238,6 @@ def test_parameter_count_reads_every_shard(run, tmp_path):
     files = sorted((tmp_path / "hf").glob("*.safetensors"))
     assert len(files) > 1
     total, _ = model_card.safetensors_parameter_count(tmp_path / "hf")
+    require_torch()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert total == sum(p.numel() for p in model.parameters())

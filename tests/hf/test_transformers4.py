@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-import torch
+from hf_reference import require_torch
 from train_fixtures import tiny_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,6 +32,8 @@ from polyglot_jax.config import base_config
 from polyglot_jax.data.tokenizer import load_tokenizer
 from polyglot_jax.hf import convert
 from polyglot_jax.model import ModelConfig, abstract_params
+
+torch = require_torch()
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHECK = pathlib.Path(__file__).with_name("transformers4_check.py")
