@@ -73,7 +73,7 @@ def main(argv):
             f"say which way: convert to-hf ... or convert from-hf ... (got {' '.join(words) or 'nothing'})"
         )
     from polyglot_jax.errors import InputError
-    from polyglot_jax.hf import convert  # after flag parsing: keeps --help and usage errors fast
+    from polyglot_jax.hf import convert, verify  # after flag parsing: --help and usage errors fast
     from polyglot_jax.hf.files import parse_size
 
     try:
@@ -110,11 +110,11 @@ def main(argv):
     )
     if _VERIFY.value:
         if words[0] == "to-hf":
-            diff = convert.verify_hf_against_workdir(
+            diff = verify.verify_hf_against_workdir(
                 result.out, workdir, step=result.step, hf_weights_dtype=_DTYPE.value
             )
         else:
-            diff = convert.verify_hf_against_workdir(_HF.value, result.out)
+            diff = verify.verify_hf_against_workdir(_HF.value, result.out)
         print(f"verify: max |logits difference| = {diff:.3g}")
         if not diff <= _VERIFY_TOLERANCE.value:
             print(f"verify: above the tolerance {_VERIFY_TOLERANCE.value:g}")
