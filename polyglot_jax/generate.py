@@ -336,9 +336,16 @@ def decode_loop(
         def body(s):
             step, logits = s["step"], s["logits"]
             scores = process_logits(logits, s["seen"], step, knobs)
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-            drawn = jax.vmap(jax.random.categorical)(keys, scores)
-            token = jnp.where(knobs.greedy, jnp.argmax(scores, -1), drawn).astype(jnp.int32)
+
+            def draw():
+                keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+                return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+
+            # Greedy decoding skips the draw: its random bits and Gumbel noise over the
+            # vocabulary cost 5 ms per step at batch 16 on CPU.
+            token = jax.lax.cond(
+                knobs.greedy, lambda: jnp.argmax(scores, -1).astype(jnp.int32), draw
+            )
             token = jnp.where(s["done"], 0, token)
             logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)
             live = ~s["done"]
@@ -354,15 +361,12 @@ def decode_loop(
             seen = s["seen"].at[jnp.arange(rows), token].max(live)
             done = s["done"] | eos | stop
 
-            def forward():
-                hidden, cache = model.apply(
-                    {"params": params}, token[:, None], cache=s["cache"], return_hidden=True
-                )
-                return cache, logits_of(params, hidden)
-
-            # The last token needs no forward pass (nor does a batch whose rows have all ended).
-            more = (step + 1 < max_new) & ~jnp.all(done)
-            cache, next_logits = jax.lax.cond(more, forward, lambda: (s["cache"], logits))
+            # Every step runs the forward pass, the last one too (its logits go unused): inside a
+            # lax.cond, XLA copied every layer's cache on every step.
+            hidden, cache = model.apply(
+                {"params": params}, token[:, None], cache=s["cache"], return_hidden=True
+            )
+            next_logits = logits_of(params, hidden)
             return dict(
                 step=step + 1,
                 cache=cache,
@@ -381,5 +385,15 @@ def decode_loop(
 
     # Results replicated: with a mesh over several processes each of them reads every row.
     return jax.jit(
-        run, in_shardings=(None, row, row, row, row, None), out_shardings=replicated(row)
+        run,
+        in_shardings=(None, row, row, row, row, None),
+        out_shardings=replicated(row),
+        compiler_options=_DECODE_COMPILER_OPTIONS.get(row.mesh.devices.flat[0].platform),
     )
+
+
+# XLA:CPU's default copy insertion copies every layer's cache buffers on every step (their
+# in-place update and the attention's read are unordered to it); its region analysis proves the
+# read comes first. Measured, 100M model, 160 columns: batch 16 97 -> 72 ms per step, batch 1
+# 24 -> 23 ms. Other backends keep their defaults.
+_DECODE_COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}

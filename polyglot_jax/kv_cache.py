@@ -1,13 +1,16 @@
 """The key/value cache of incremental decoding: a left-padded batch of prompts is prefilled, then
 every step appends one token per row.
 
-    k, v   layers x [batch, max_len, heads, head_dim] in the compute dtype, keys after RoPE
+    k, v   layers x [batch, heads, max_len, head_dim] in the compute dtype, keys after RoPE
     start  int32 [batch]  the first real (non-pad) column of each row
     index  int32 []       columns [0, index) are filled
 
-The [layers, batch, max_len, heads, head_dim] cache is held as one buffer per layer: with a
-single stacked array, XLA:CPU copied the whole cache several times per step (one layer's update
-aliasing another's read); per-layer buffers are updated in place.
+The cache is held as one buffer per layer: with a single stacked array, XLA:CPU copied the whole
+cache several times per step (one layer's update aliasing another's read); per-layer buffers are
+updated in place. Heads come before columns so that a decode step's two attention products are
+plain batched matrix-vector dots over (batch, heads) that read the cache as it lies: with columns
+first, XLA:CPU either transposed the cache every step or ran the products as slow reductions
+(0.97 against 0.12 ms per layer at batch 1, 160 columns, 12 x 64 heads).
 
 Rows are left padded so that every row writes the same column at each step (one in-place
 dynamic_update_slice for the whole batch). The token in column j of row b sits at position
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from polyglot_jax.attention import attend
 from polyglot_jax.rope import apply_rope
 
-CACHE_AXES = ("batch", "length", "heads", "kv")  # of each layer's k and v
+CACHE_AXES = ("batch", "heads", "length", "kv")  # of each layer's k and v
 
 
 @flax.struct.dataclass
@@ -37,14 +40,14 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def init_cache(
     num_layers: int, start: jax.Array, max_len: int, num_heads: int, head_dim: int, dtype
 ) -> KVCache:
     """An empty cache for `len(start)` rows whose prompts begin at columns `start` (int32 [batch])."""
-    shape = (start.shape[0], max_len, num_heads, head_dim)
+    shape = (start.shape[0], num_heads, max_len, head_dim)
 
     def zeros():
         return tuple(
@@ -66,21 +69,27 @@ def advance(cache: KVCache, length: int) -> KVCache:
     return cache.replace(index=cache.index + length)
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-    """One query per row against the cached keys.
+def decode_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, k_new: jax.Array, v_new: jax.Array
+) -> jax.Array:
+    """One query per row against the cached keys and its own new key.
 
-    q [batch, 1, heads, head_dim] (rotated), k/v [batch, max_len, heads, head_dim], valid bool
-    [batch, max_len]. Written as multiply-and-sum rather than einsum: for a single query it is a
-    matrix-vector product anyway (memory bound), and this form reads the cache in place, where a
-    dot would first transpose it to [batch, heads, ...] on CPU. Float32 accumulation, like
-    `xla_attention`; returns [batch, 1, heads, head_dim] in q's dtype.
+    q, k_new, v_new [batch, 1, heads, head_dim] (q and k_new rotated); k/v [batch, heads, max_len,
+    head_dim], the cache before this step's write; valid bool [batch, max_len]. The new column is
+    attended to from k_new/v_new rather than read back from the updated cache: then the update
+    is the cache's only consumer after the reads and stays in place (reading it back, XLA:CPU
+    copied every layer's buffers on every step). Float32 accumulation, like `xla_attention`;
+    returns [batch, 1, heads, head_dim] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1) * scale  # [b, s, h]
-    scores = jnp.where(valid[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v.astype(jnp.float32), axis=1)  # [b, h, d]
-    return out[:, None].astype(q.dtype)
+    f32 = jnp.float32
+    cached = jnp.einsum("bqhd,bhsd->bhqs", q, k, preferred_element_type=f32) * scale
+    cached = jnp.where(valid[:, None, None, :], cached, jnp.finfo(f32).min)
+    own = jnp.einsum("bqhd,bqhd->bhq", q, k_new, preferred_element_type=f32)[..., None] * scale
+    probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqs,bhsd->bqhd", probs[..., :-1], v, preferred_element_type=f32)
+    out = out + jnp.einsum("bhq,bqhd->bqhd", probs[..., -1], v_new, preferred_element_type=f32)
+    return out.astype(q.dtype)
 
 
 def cached_attention(
@@ -104,15 +113,16 @@ def cached_attention(
     length = q.shape[1]
     pos = positions_of(cache, length)
     k_rot = apply_rope(k, pos, rotary_dim, rope_base)
-    at = (0, cache.index, 0, 0)
+    at = (0, 0, cache.index, 0)
 
     def write(buffers, new):
-        row = jax.lax.dynamic_update_slice(buffers[layer], new.astype(buffers[layer].dtype), at)
+        new = jnp.swapaxes(new, 1, 2).astype(buffers[layer].dtype)  # [batch, heads, T, head_dim]
+        row = jax.lax.dynamic_update_slice(buffers[layer], new, at)
         return (*buffers[:layer], row, *buffers[layer + 1 :])
 
-    cache = cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))
     columns = jnp.arange(cache.max_len, dtype=jnp.int32)
     if length > 1:
+        cache = cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))
         segment_ids = (columns[None, :length] >= cache.start[:, None]).astype(jnp.int32)
         out = attend(
             q,
@@ -125,6 +135,7 @@ def cached_attention(
             impl="xla" if impl == "cudnn" else impl,
         )
         return out, cache
-    valid = (columns[None, :] >= cache.start[:, None]) & (columns[None, :] <= cache.index)
+    valid = (columns[None, :] >= cache.start[:, None]) & (columns[None, :] < cache.index)
     q_rot = apply_rope(q, pos, rotary_dim, rope_base)
-    return decode_attention(q_rot, cache.k[layer], cache.v[layer], valid), cache
+    out = decode_attention(q_rot, cache.k[layer], cache.v[layer], valid, k_rot, v)
+    return out, cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))

@@ -213,6 +213,11 @@ class Attention(nn.Module):
             self, "dense_kernel", _init(_wang_std(cfg)), (h, dh, d), ("heads", "kv", "embed"), cfg
         )
         out_b = _param(self, "dense_bias", nn.initializers.zeros, (d,), ("embed",), cfg)
+        if cache is not None:
+            # One decode row: XLA:CPU would transpose the whole kernel to [kv, heads, embed]
+            # on every step to contract (heads, kv); flattened, it is read in place.
+            out, out_w = out.reshape(*out.shape[:2], h * dh), out_w.reshape(h * dh, d)
+            return project(out, "rf,fe->re", out_w.astype(dtype)) + out_b.astype(dtype), cache
         return project(out, "rhd,hde->re", out_w.astype(dtype)) + out_b.astype(dtype), cache
 
 
