@@ -120,9 +120,12 @@ def cached_attention(
         row = jax.lax.dynamic_update_slice(buffers[layer], new, at)
         return (*buffers[:layer], row, *buffers[layer + 1 :])
 
+    def written(c: KVCache) -> KVCache:
+        return c.replace(k=write(c.k, k_rot), v=write(c.v, v))
+
     columns = jnp.arange(cache.max_len, dtype=jnp.int32)
     if length > 1:
-        cache = cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))
+        cache = written(cache)
         segment_ids = (columns[None, :length] >= cache.start[:, None]).astype(jnp.int32)
         out = attend(
             q,
@@ -138,4 +141,4 @@ def cached_attention(
     valid = (columns[None, :] >= cache.start[:, None]) & (columns[None, :] < cache.index)
     q_rot = apply_rope(q, pos, rotary_dim, rope_base)
     out = decode_attention(q_rot, cache.k[layer], cache.v[layer], valid, k_rot, v)
-    return out, cache.replace(k=write(cache.k, k_rot), v=write(cache.v, v))
+    return out, written(cache)
