@@ -70,6 +70,9 @@ class PeerWatchdog:
         self._exit = exit
         self.interval = interval or max(0.2, min(5.0, settings.heartbeat_timeout_s / 6))
         self._lock = threading.Lock()
+        # Serialises writes of our entry: the final "done" must not be overtaken by a heartbeat
+        # that was in flight when __exit__ began (peers would then see a silent "running").
+        self._publish_lock = threading.Lock()
         self._beats = 0
         self._step: int | None = None
         self._step_time: float | None = None
@@ -111,10 +114,13 @@ class PeerWatchdog:
             self._step, self._step_time = step, time.monotonic()
 
     def _publish(self, state: str) -> None:
-        with self._lock:
-            self._beats += 1
-            entry = f"{self._beats} {self._step if self._step is not None else -1} {state}"
-        self._client.key_value_set(f"{PREFIX}{self.index}", entry, allow_overwrite=True)
+        with self._publish_lock:
+            if state == "running" and self._stop.is_set():
+                return  # __exit__ writes the last entry
+            with self._lock:
+                self._beats += 1
+                entry = f"{self._beats} {self._step if self._step is not None else -1} {state}"
+            self._client.key_value_set(f"{PREFIX}{self.index}", entry, allow_overwrite=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):

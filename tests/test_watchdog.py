@@ -74,6 +74,36 @@ def test_healthy_peers_and_finished_ones_are_not_lost():
     assert store.values[f"{PREFIX}2"].endswith(" done")
 
 
+class HeldHeartbeatStore(Store):
+    """Once `holding` is set, a heartbeat ("running") write waits for `release`: a write still in
+    flight, as on a loaded machine, while the process finishes."""
+
+    def __init__(self):
+        super().__init__()
+        self.holding, self.held, self.release = (threading.Event() for _ in range(3))
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if value.endswith(" running") and self.holding.is_set():
+            self.held.set()
+            self.release.wait(5)
+        super().key_value_set(key, value, allow_overwrite)
+
+
+def test_done_is_not_overtaken_by_a_heartbeat_in_flight():
+    store = HeldHeartbeatStore()
+    c, _ = watch(store, 2)
+    c.__enter__()
+    store.holding.set()
+    assert store.held.wait(2)  # the poll thread is inside a "running" write
+    leaving = threading.Thread(target=c.__exit__, args=(None, None, None))
+    leaving.start()
+    time.sleep(0.2)
+    store.release.set()  # the old heartbeat lands now
+    leaving.join(5)
+    time.sleep(0.2)
+    assert store.values[f"{PREFIX}2"].endswith(" done"), store.values
+
+
 def test_a_dead_peer_is_named_within_the_heartbeat_timeout(capsys):
     store = Store()
     a, exits = watch(store, 0, heartbeat=2)
