@@ -18,8 +18,9 @@ shared machine varies, and torch's threads slow down under it more than XLA's). 
 largest |difference| of the two sides' log-likelihoods and the fraction of documents where they
 choose the same answer.
 
-`padded_tokens`: the tokens the Scorer's
-length buckets (`length_bucket`) compute, against `tokens`.
+`padded_tokens`: the tokens the Scorer's packed rows (`plan`: rows x row length, summed over calls)
+compute, against `tokens`; `scored_positions`: the vocabulary projections it computes (rows x span),
+against the continuations' tokens.
 
 Goal (issue #15): ours >= 2x HFLM's requests/s (`goal_met`: by the median and by the fastest
 rounds). Needs ../shared/data (KoBEST and the tokenizer) and lm-eval with accelerate (HFLM imports
@@ -187,10 +188,17 @@ def main() -> None:
         dec_cfg, params, tokenizer_dir = load_from_hf(directory)
         tokenizer = load_tokenizer_dir(tokenizer_dir)
     ours = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
-    from polyglot_jax.eval.loglikelihood import length_bucket
+    from polyglot_jax.eval.loglikelihood import span_bucket
 
-    lengths = [len(c) + len(x) - 1 for c, x in (ours.encode_request(*r.args) for r in requests)]
-    tokens, padded = sum(lengths), sum(length_bucket(n, dec_cfg.max_len) for n in lengths)
+    rows = ours.scorer.requests_to_rows([ours.encode_request(*r.args) for r in requests])
+    calls = ours.scorer.plan(rows)
+    tokens = sum(len(inputs) for inputs, *_ in rows)
+    padded = sum(length * len(call) for length, call in calls)
+    continuation_tokens = sum(cont for *_, cont in rows)
+    scored = sum(
+        len(call) * span_bucket(max(sum(rows[i][2] for i in row) for row in call))
+        for _, call in calls
+    )
 
     def hf_call():
         with torch.inference_mode():
@@ -225,6 +233,9 @@ def main() -> None:
         "requests": len(requests),
         "tokens": tokens,  # model inputs: context + continuation - 1 per request
         "padded_tokens": padded,
+        "continuation_tokens": continuation_tokens,
+        "scored_positions": scored,
+        "calls": len(calls),
         "hf_batch_size": args.hf_batch_size,
         "batch_tokens": args.batch_tokens,
         "repeats": args.repeats,

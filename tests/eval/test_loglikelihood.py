@@ -1,6 +1,7 @@
 """Continuation log-likelihoods against transformers on the same random weights: the summed
 float64 log-softmax of the continuation's tokens after the harness's left truncation, and whether
-each is the argmax; one device against a sharded mesh."""
+each is the argmax; packed rows (many requests in one) and one request per row; one device
+against a sharded mesh."""
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from hf_reference import random_hf_model, require_torch
 
 from polyglot_jax.errors import InputError
-from polyglot_jax.eval.loglikelihood import Scorer
+from polyglot_jax.eval.loglikelihood import Scorer, plan
 from polyglot_jax.generate_weights import load_from_hf
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
@@ -65,6 +66,46 @@ def test_loglikelihoods_match_transformers(model):
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
     assert [g[1] for g in got] == [w[1] for w in want]
     assert got[-1][1] is True  # the premise: greedy is tested on a True case too
+
+
+def test_packed_rows_match_transformers(model):
+    """Many short requests share rows (segments with their own positions): each result is still
+    its request's alone, as transformers computes it on the request by itself."""
+    directory, hf = model
+    cfg, params, _ = load_from_hf(directory)
+    rng = np.random.default_rng(1)
+    requests = [
+        (rng.integers(0, 128, rng.integers(1, 12)).tolist(),
+         rng.integers(0, 128, rng.integers(1, 6)).tolist())
+        for _ in range(30)
+    ]  # fmt: skip
+    scorer = Scorer(params, cfg, batch_tokens=96)
+    calls = scorer.plan(scorer.requests_to_rows(requests))
+    assert max(len(row) for _, rows in calls for row in rows) >= 3  # the premise: rows are shared
+    got = scorer.loglikelihood(requests)
+    want = [_reference(hf, c, x) for c, x in requests]
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    alone = Scorer(params, cfg, batch_tokens=96, pack_len=0)
+    assert all(len(row) == 1 for _, rows in alone.plan(alone.requests_to_rows(requests))
+               for row in rows)  # fmt: skip
+    np.testing.assert_allclose([a[0] for a in alone.loglikelihood(requests)],
+                               [w[0] for w in want], atol=1e-4, rtol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("pack_len", [0, 16, 256])
+def test_plan_places_every_request_once_within_its_row(pack_len):
+    rng = np.random.default_rng(pack_len)
+    lengths = [int(n) for n in rng.integers(1, 600, 300)] + [2048, 1, 1]
+    calls = plan(lengths, window=2048, batch_tokens=4096, pack_len=pack_len, row_multiple=2)
+    placed = sorted(i for _, rows in calls for row in rows for i in row)
+    assert placed == list(range(len(lengths)))
+    for length, rows in calls:
+        assert len(rows) <= max(2, 4096 // length // 2 * 2)
+        assert length >= min(pack_len, 2048) and length % 16 == 0
+        for row in rows:
+            assert sum(lengths[i] for i in row) <= length
+            assert pack_len or len(row) == 1
 
 
 def test_sharded_equals_one_device(model):
