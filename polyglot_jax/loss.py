@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from polyglot_jax.partitioning import mesh_axes
+
 
 def chunked_cross_entropy(
     hidden: jax.Array,
@@ -188,15 +190,8 @@ def _data_axes() -> tuple[str, ...]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-
-    def axes(names):
-        out = []
-        for spec in nn.logical_to_mesh_axes(names):
-            out += [] if spec is None else list(spec) if isinstance(spec, tuple) else [spec]
-        return out
-
-    kernel = set(axes(("embed", "vocab")))
-    return tuple(a for a in axes(("batch",)) if a not in kernel and mesh.shape[a] > 1)
+    kernel = {a for axes in mesh_axes(("embed", "vocab")) for a in axes}
+    return tuple(a for a in mesh_axes(("batch",))[0] if a not in kernel and mesh.shape[a] > 1)
 
 
 def _partial_sum_shards(batch: int) -> int:

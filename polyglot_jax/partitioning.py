@@ -146,6 +146,14 @@ def parse_layout(
     return full_layout(shape)
 
 
+def mesh_axes(names: Sequence[str | None], rules=None) -> tuple[tuple[str, ...], ...]:
+    """Per logical axis in `names`, the mesh axes the logical rules shard it over (() when
+    unsharded), as flax's `nn.logical_to_mesh_axes` gives them (a name, a tuple or None);
+    `rules=None` uses the rules in context (`nn.logical_axis_rules`)."""
+    spec = nn.logical_to_mesh_axes(names, rules)
+    return tuple(() if a is None else a if isinstance(a, tuple) else (a,) for a in spec)
+
+
 def check_divisibility(
     boxed_params: Any,
     mesh_shape: Mapping[str, int],
@@ -163,11 +171,10 @@ def check_divisibility(
     )[0]
     failures: dict[str, str] = {}  # logical axis -> the error for its first parameter
     for path, leaf in flat:
-        spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        spec = mesh_axes(leaf.names, rules)
         for logical, dim, axes in zip(leaf.names, leaf.value.shape, spec, strict=True):
-            if axes is None or logical in failures:
+            if not axes or logical in failures:
                 continue
-            axes = axes if isinstance(axes, tuple) else (axes,)
             size = math.prod(axis_size(mesh_shape, a) for a in axes)
             if dim % size:
                 field, value = fields.get(logical, (f"the {logical!r} dimension", dim))
@@ -243,8 +250,7 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 def row_sharding(mesh: Mesh, rules) -> tuple[NamedSharding, int]:
     """Sharding of a [rows, ...] input (rows over the axes the rules give `batch`) and the row
     count multiple that divides evenly over those axes."""
-    axes = nn.logical_to_mesh_axes(("batch",), rules)[0] if rules else None
-    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    axes = mesh_axes(("batch",), rules)[0] if rules else ()
     return NamedSharding(mesh, PartitionSpec(axes or None)), math.prod(mesh.shape[a] for a in axes)
 
 

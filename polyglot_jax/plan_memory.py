@@ -60,7 +60,7 @@ import ml_collections
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.model import REMAT_POLICIES, ModelConfig, abstract_params
 from polyglot_jax.optimizer import make_optimizer
-from polyglot_jax.partitioning import MESH_AXES, axis_size, rules_from_config
+from polyglot_jax.partitioning import MESH_AXES, axis_size, mesh_axes, rules_from_config
 
 _F32 = 4
 
@@ -223,17 +223,11 @@ class MemoryModel:
 
     def _spec_factors(self, names: tuple, totals: Mapping[str, int]) -> tuple[int, ...]:
         """Per dimension, the product of the mesh axes the rules give it (1: unsharded)."""
-        spec = nn.logical_to_mesh_axes(names, self.rules)
-        factors = []
-        for axes in spec:
-            axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-            factors.append(math.prod(totals[a] for a in axes))
-        return tuple(factors)
+        return tuple(math.prod(totals[a] for a in axes) for axes in mesh_axes(names, self.rules))
 
     def _mesh_axes_of(self, names: tuple) -> set[str]:
         """The mesh axes the rules shard a parameter with these logical axes over."""
-        spec = nn.logical_to_mesh_axes(names, self.rules)
-        return {x for a in spec if a is not None for x in (a if isinstance(a, tuple) else (a,))}
+        return {a for axes in mesh_axes(names, self.rules) for a in axes}
 
     def state_bytes(self, totals: Mapping[str, int]) -> dict[str, float]:
         """Bytes per device for mesh axis totals (`axis_totals`), cached per totals: `params`,
