@@ -431,3 +431,24 @@ def test_union_find_matches_connected_components():
     assert len(set(zip(roots.tolist(), labels.tolist(), strict=True))) == len(set(labels.tolist()))
     for root in np.unique(roots):
         assert root == np.flatnonzero(roots == root).min()
+
+
+def test_write_tasks_share_one_tokenizer_until_its_file_changes(tmp_path, synthetic):
+    """A worker loads the tokenizer once for all its write tasks (tokenizers keeps memory of every
+    instance that has encoded), and a changed tokenizer.json is loaded afresh, never stale."""
+    from polyglot_jax.data.engine.steps_output import worker_tokenizer
+
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((synthetic["tok"] / "tokenizer.json").read_bytes())
+    first = worker_tokenizer(str(directory), None)
+    assert worker_tokenizer(str(directory), None) is first
+    changed = json.loads((directory / "tokenizer.json").read_text())
+    changed["added_tokens"].append(
+        {"id": first.tokenizer.get_vocab_size(), "content": "<|new|>", "single_word": False,
+         "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    )  # fmt: skip
+    (directory / "tokenizer.json").write_text(json.dumps(changed))
+    second = worker_tokenizer(str(directory), None)
+    assert second is not first
+    assert second.tokenizer.token_to_id("<|new|>") == first.tokenizer.get_vocab_size()
