@@ -12,10 +12,14 @@ distinct). Every run is the whole pipeline with the released tokenizer: clean ru
 MinHash dedup across all files, tokenize to ArrayRecord shards and the manifest.
 
 - throughput: N with tasks = files, `--workers 1` then `--workers 2` (the ratio is the scaling,
-  goal >= 1.7x on 2 cores), beside local `clean` + `tokenize` with one worker on the same files;
+  goal >= 1.7x on 2 cores; the fastest of `--repeats` runs of each), beside local `clean` +
+  `tokenize` with one worker on the same files;
 - memory: N and 4N with tasks = files (so a task's shard stays the same size) on 2 workers: the
   largest peak RSS of any task of each stage (the process's VmHWM, reset at the task's start),
-  and its growth above the process's RSS at that start. Goal: flat from N to 4N;
+  and its growth above the process's RSS at that start. Goal: flat from N to 4N (`memory_flat`:
+  within 10%). Every engine run merges `--merge_rows` records per round (32k, below N's 150k per
+  band): a merge task's memory is bounded by that, not the corpus; with the default bound (4M
+  rows, ~100 MB) a corpus this small fits in one round and its memory would grow with it;
 - per-core MB/s of longer documents (`--long_docs` of 16 reviews joined by newlines, ~1.4 kB),
   one worker: reviews are 87 bytes, where per-document costs dominate.
 
@@ -112,7 +116,7 @@ def _loaded(fn, *args, **kw) -> tuple[dict, float, tuple[float, float]]:
     return result, seconds, (round(before, 2), round(os.getloadavg()[0], 2))
 
 
-def _engine_run(files, out: pathlib.Path, workers: int) -> dict:
+def _engine_run(files, out: pathlib.Path, workers: int, merge_rows: int) -> dict:
     result, seconds, load = _loaded(
         preprocess,
         files,
@@ -122,6 +126,7 @@ def _engine_run(files, out: pathlib.Path, workers: int) -> dict:
         workers=workers,
         tokenizer=TOKENIZER,
         shard_chars=SHARD_CHARS,
+        merge_rows=merge_rows,
         progress=False,
     )
     report = result["report"]
@@ -193,6 +198,13 @@ def main() -> int:
     parser.add_argument(
         "--long_docs", type=int, default=10_000, help="documents of 16 joined reviews (1 worker)"
     )
+    parser.add_argument(
+        "--merge_rows",
+        type=int,
+        default=1 << 15,
+        help="preprocess --merge_rows: below N's records, so the memory run shows the bound",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="throughput runs (the fastest kept)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write the JSON here")
     args = parser.parse_args()
     if not NSMC.is_file() or not TOKENIZER.is_dir():
@@ -208,10 +220,17 @@ def main() -> int:
         preprocess(warm, tmp / "warm_out", tasks=2, workers=2, tokenizer=TOKENIZER, progress=False)
         long_files = _write_long_corpus(tmp / "long", args.long_docs, 16, 4)
         local = _local_run(small, tmp)
-        one = _engine_run(small, tmp / "e1", 1)
-        two = _engine_run(small, tmp / "e2", 2)
-        four = _engine_run(big, tmp / "e4n", 2)
-        long_one = _engine_run(long_files, tmp / "elong", 1)
+        # Throughput: the faster of --repeats runs each (a shared machine's load comes and goes).
+        one = min(
+            (_engine_run(small, tmp / "e1", 1, args.merge_rows) for _ in range(args.repeats)),
+            key=lambda r: r["seconds"],
+        )
+        two = min(
+            (_engine_run(small, tmp / "e2", 2, args.merge_rows) for _ in range(args.repeats)),
+            key=lambda r: r["seconds"],
+        )
+        four = _engine_run(big, tmp / "e4n", 2, args.merge_rows)
+        long_one = _engine_run(long_files, tmp / "elong", 1, args.merge_rows)
     if not (one["kept"] == two["kept"] == local["kept"]) or not (
         one["tokens"] == two["tokens"] == local["tokens"]
     ):
@@ -248,6 +267,8 @@ def main() -> int:
             "files_N": len(small),
             "files_4N": len(big),
             "shard_chars": SHARD_CHARS,
+            "merge_rows": args.merge_rows,
+            "throughput_repeats": args.repeats,
         },
         "local_clean_plus_tokenize_1_worker": local,
         "engine_N_1_worker": one,
@@ -278,6 +299,11 @@ def main() -> int:
             "stage_wall_seconds_2_workers": two["stage_wall_seconds"],
         },
         "memory_per_worker": memory,
+        # Flat: no stage's largest task peak grows by more than 10% from N to 4N.
+        "memory_flat": all(
+            m["peak_ratio_4N_over_N"] is not None and m["peak_ratio_4N_over_N"] <= 1.1
+            for m in memory.values()
+        ),
         "load_average_at_end": round(os.getloadavg()[0], 2),
     }
     text = json.dumps(result, ensure_ascii=False, indent=1)

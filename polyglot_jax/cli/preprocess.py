@@ -23,6 +23,7 @@ from absl import flags
 
 from polyglot_jax.data.clean import RULES, CleanConfig
 from polyglot_jax.data.engine.layout import EXECUTORS, STAGES
+from polyglot_jax.data.engine.merge import BATCH_ROWS
 from polyglot_jax.data.tokenize import DEFAULT_BLOCK_TOKENS, DEFAULT_SHARD_CHARS
 from polyglot_jax.errors import ConfigError
 
@@ -47,6 +48,12 @@ _BLOCK_TOKENS = flags.DEFINE_integer(
 )
 _SHARD_CHARS = flags.DEFINE_integer(
     "shard_chars", DEFAULT_SHARD_CHARS, "Characters per output shard (cut as tokenize cuts)."
+)
+_MERGE_ROWS = flags.DEFINE_integer(
+    "merge_rows",
+    BATCH_ROWS,
+    "Records a dedup/plan task merges per round across all input ranks (~16-24 bytes each): "
+    "with the task's own share, what bounds its memory.",
 )
 _KEEP_WORK = flags.DEFINE_bool("keep_work", False, "Keep DIR/work/ (the stages' files) at the end.")
 _STOP_AFTER = flags.DEFINE_enum(
@@ -138,6 +145,7 @@ def main(argv: list[str]) -> int | None:
         eos_token=_EOS_TOKEN.value,
         block_tokens=_BLOCK_TOKENS.value,
         shard_chars=_SHARD_CHARS.value,
+        merge_rows=_MERGE_ROWS.value,
         overwrite=_OVERWRITE.value,
         keep_work=_KEEP_WORK.value,
         stop_after=_STOP_AFTER.value,

@@ -330,6 +330,10 @@ def test_merge_keeps_order_and_key_runs():
     np.testing.assert_array_equal(joined, full[np.lexsort((full["gid"], full["h"]))])
     keys = [set(b["h"].tolist()) for b in batches]
     assert all(not (a & b) for a, b in itertools.combinations(keys, 2))
+    # `rows` (preprocess's merge_rows) bounds a round across all streams: 1024 from each of 4.
+    bounded = list(merged(streams, "h", ("h", "gid"), rows=4096))
+    assert len(bounded) > 1 and max(map(len, bounded)) <= 4096
+    np.testing.assert_array_equal(np.concatenate(bounded), joined)
     column = streams[0]["h"]
     for value in (0, 1, 7, 49, 50, 10**6):
         for side in ("left", "right"):

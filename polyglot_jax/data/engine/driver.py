@@ -25,6 +25,7 @@ from typing import Any
 
 from polyglot_jax.data.clean import CleanConfig
 from polyglot_jax.data.engine import layout as lay
+from polyglot_jax.data.engine.merge import BATCH_ROWS
 from polyglot_jax.data.engine.steps_clean import ApplyRules, ReadInputs, Signatures
 from polyglot_jax.data.engine.steps_dedup import (
     ExactDuplicates,
@@ -39,7 +40,7 @@ from polyglot_jax.errors import ConfigError, InputError, PolyglotError
 from polyglot_jax.output_dir import check_output
 
 EXECUTORS, STAGES = lay.EXECUTORS, lay.STAGES
-_NOT_IN_PLAN = ("created", "keep_work")  # may differ between a run and its resume
+_NOT_IN_PLAN = ("created", "keep_work", "merge_rows")  # may differ between a run and its resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ def make_plan(
     block_tokens: int | None = None,
     shard_chars: int | None = None,
     keep_work: bool = False,
+    merge_rows: int = BATCH_ROWS,
 ) -> dict[str, Any]:
     """The plan of a run (see layout.py); ConfigError / InputError for anything that cannot work."""
     from polyglot_jax.data.tokenize import DEFAULT_BLOCK_TOKENS, DEFAULT_SHARD_CHARS
@@ -86,6 +88,8 @@ def make_plan(
         raise ConfigError(f"--block_tokens={block_tokens} must be positive")
     if shard_chars < 1:
         raise ConfigError(f"--shard_chars={shard_chars} must be positive")
+    if not isinstance(merge_rows, int) or merge_rows < 1:
+        raise ConfigError(f"--merge_rows={merge_rows} must be a positive int")
     files = list_input_files(inputs)
     if not files:
         raise InputError("preprocess: no input files given")
@@ -143,6 +147,7 @@ def make_plan(
         "tokenize": tok,
         "shard_chars": shard_chars,
         "keep_work": keep_work,
+        "merge_rows": merge_rows,
         "created": time.time(),
     }
 
@@ -370,6 +375,7 @@ def preprocess(
     eos_token: str | None = None,
     block_tokens: int | None = None,
     shard_chars: int | None = None,
+    merge_rows: int = BATCH_ROWS,
     overwrite: bool = False,
     keep_work: bool = False,
     stop_after: str | None = None,
@@ -395,6 +401,7 @@ def preprocess(
         block_tokens=block_tokens,
         shard_chars=shard_chars,
         keep_work=keep_work,
+        merge_rows=merge_rows,
     )
     probe = lay.Layout(output, plan)
     _until(stage_pipelines(probe), stop_after)  # a bad --stop_after fails before any write

@@ -47,13 +47,14 @@ def merged(
     key: str,
     order: Sequence[str],
     chunk: int | None = None,
+    rows: int = BATCH_ROWS,
 ) -> Iterator[np.ndarray]:
     """Batches of the records of `streams` (structured arrays, each sorted by `order`, whose
     first field is `key`) in global `order`. A run of records with equal `key` is never split
     across batches, so a caller can group by key batch by batch. `chunk` rows are read from each
-    stream per round (default: BATCH_ROWS shared out, at least 1024 each)."""
+    stream per round (default: `rows` shared out, at least 1024 each)."""
     streams = [s for s in streams if len(s)]
-    chunk = chunk or max(1024, BATCH_ROWS // max(len(streams), 1))
+    chunk = chunk or max(1024, rows // max(len(streams), 1))
     pos = [0] * len(streams)
     sizes = [len(s) for s in streams]
     while True:

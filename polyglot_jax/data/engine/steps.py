@@ -56,6 +56,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from polyglot_jax.data.engine import layout as lay
+from polyglot_jax.data.engine.merge import BATCH_ROWS
 
 
 def _reset_peak_rss() -> float:
@@ -119,6 +120,12 @@ class Stage(PipelineStep):
         timer = Timer()
         timer.start()
         return timer
+
+    @property
+    def merge_rows(self) -> int:
+        """Rows a merge reads per round across all ranks (`preprocess(merge_rows=)`): with the
+        task's own output, what bounds a dedup or plan task's memory."""
+        return int(self.plan.get("merge_rows") or BATCH_ROWS)
 
     @property
     def layout(self) -> lay.Layout:

@@ -74,7 +74,7 @@ class ExactDuplicates(Stage):
             restrict(lay.load_array(layout.exact(r)), "hi", lo, hi) for r in range(layout.tasks)
         ]
         removed, keys, documents = [], 0, 0
-        for batch in merged(streams, "hi", ("hi", "lo", "gid")):
+        for batch in merged(streams, "hi", ("hi", "lo", "gid"), rows=self.merge_rows):
             first = np.ones(len(batch), bool)
             first[1:] = (batch["hi"][1:] != batch["hi"][:-1]) | (
                 batch["lo"][1:] != batch["lo"][:-1]
@@ -107,7 +107,7 @@ class MinhashBuckets(Stage):
             restrict(lay.load_array(layout.band(band, r)), "h", lo, hi) for r in range(layout.tasks)
         ]
         edges, members, documents, buckets, in_buckets, largest = [], [], 0, 0, 0, 0
-        for batch in merged(streams, "h", ("h", "gid")):
+        for batch in merged(streams, "h", ("h", "gid"), rows=self.merge_rows):
             h = batch["h"]
             same = h[1:] == h[:-1]
             pair = np.empty(int(same.sum()), lay.EDGE_DTYPE)
@@ -193,7 +193,7 @@ class MinhashClusters(Stage):
         streams = [lay.load_array(layout.nodes(t)) for t in range(tasks)]
         unique = [
             batch[np.unique(batch["gid"], return_index=True)[1]]
-            for batch in merged(streams, "gid", ("gid",))
+            for batch in merged(streams, "gid", ("gid",), rows=self.merge_rows)
         ]
         found = np.concatenate(unique) if unique else np.empty(0, lay.NODE_DTYPE)
         del streams, unique

@@ -50,7 +50,7 @@ class PlanShards(Stage):
         streams = [lay.load_array(layout.kept(r)) for r in range(layout.tasks)]
         shards: list[dict[str, Any]] = []
         acc = count = empty = kept = 0
-        for batch in merged(streams, "gid", ("gid",)):
+        for batch in merged(streams, "gid", ("gid",), rows=self.merge_rows):
             kept += len(batch)
             nonempty = batch["chars"] > 0
             empty += int((~nonempty).sum())
