@@ -41,6 +41,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 REPO = Path(__file__).resolve().parents[1]
 GOAL_RSS_BYTES = 2.5e9
 GOAL_BYTES_PER_S = 200e6
@@ -76,11 +78,7 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model()
     mem = next(
         int(line.split()[1]) * 1024
         for line in Path("/proc/meminfo").read_text().splitlines()

@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
 
 from polyglot_jax.data.pipeline import default_data_config, make_pipeline  # noqa: E402
 from polyglot_jax.data.sources import iter_texts  # noqa: E402
@@ -51,14 +52,7 @@ def _versions() -> dict[str, str]:
 
 
 def _device() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -53,6 +53,7 @@ SHARED = REPO.parent / "shared" / "data"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 from polyglot_jax.hf.mapping import to_hf_config  # noqa: E402
@@ -222,6 +223,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind,
         "platform": jax.default_backend(),
+        "cpu": cpu_model(),
         "cpu_count": _cpus(),
         "load_average_at_start": [round(x, 2) for x in load_at_start],  # a shared machine
         "torch_threads": torch.get_num_threads(),

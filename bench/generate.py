@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 from polyglot_jax.generate import Generator, Sampling  # noqa: E402
@@ -109,6 +110,22 @@ def _median_wall(fn, repeats: int, warm_up: bool = True) -> tuple[float, list[fl
         out = fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples), samples, out
+
+
+def read_bandwidth(nbytes: int, repeats: int = 5) -> dict:
+    """The device's read rate on a buffer of `nbytes` (the weights a decode step reads): the
+    fastest of a jitted float32 sum (JAX) and, on CPU, torch's multi-threaded sum. A batch-1 step
+    reads every weight once, so `nbytes / rate` is the floor of its time on this machine."""
+    n = max(1, nbytes // 4)
+    x = jax.device_put(np.ones(n, np.float32))
+    total = jax.jit(lambda a: a.sum())
+    jax_s, _, _ = _median_wall(lambda: total(x).block_until_ready(), repeats)
+    rates = {"jax_sum_gb_s": nbytes / jax_s / 1e9}
+    if jax.default_backend() == "cpu":
+        t = torch.ones(n, dtype=torch.float32)
+        torch_s, _, _ = _median_wall(lambda: t.sum(), repeats)
+        rates["torch_sum_gb_s"] = nbytes / torch_s / 1e9
+    return {**rates, "best_gb_s": max(rates.values())}
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -269,6 +286,7 @@ def main() -> int:
         "argv": sys.argv[1:],
         "device": str(device),
         "device_kind": device.device_kind,
+        "cpu": cpu_model(),
         "platform": jax.default_backend(),
         "torch_device": args.device,
         "versions": _versions(),
@@ -334,6 +352,26 @@ def main() -> int:
             f"speedup {speedup:.2f}x, identical ids {same['identical']}",
             flush=True,
         )
+
+    # After both sides (its buffers must not disturb them): a batch-1 step reads every weight
+    # but the input embedding once, its floor on this device.
+    step_bytes = (n_params - cfg.vocab_size * cfg.d_model) * np.dtype(
+        np.float32 if args.dtype == "float32" else np.float16
+    ).itemsize
+    bandwidth = read_bandwidth(step_bytes)
+    record["batch1_floor"] = {
+        "weight_bytes_per_step": step_bytes,
+        **bandwidth,
+        "floor_step_s": step_bytes / bandwidth["best_gb_s"] / 1e9,
+        "note": "a batch-1 decode step reads every weight but the input embedding once; at the "
+        "best measured read rate that takes floor_step_s, so neither side can step faster, and "
+        "the largest possible speedup over transformers is its decode_step_s / floor_step_s",
+    }
+    if "1" in record["batches"]:
+        floor, steps = record["batch1_floor"], record["batches"]["1"]
+        for side in ("ours", "hf"):
+            floor[f"{side}_step_over_floor"] = steps[side]["decode_step_s"] / floor["floor_step_s"]
+        floor["largest_possible_speedup"] = steps["hf"]["decode_step_s"] / floor["floor_step_s"]
 
     kind = "cpu" if jax.default_backend() == "cpu" else device.device_kind.lower().replace(" ", "-")
     name = f"generate_{kind}_{args.size}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
