@@ -17,7 +17,9 @@ that failed marks itself failed. When the failure is a runtime error (a collecti
 gone raises one at once), it first waits up to `heartbeat_timeout_s` for the judge to name a lost
 peer, so that every survivor names the process that died rather than each other.
 
-So the bound is `heartbeat_timeout_s` plus one `interval` for a dead peer. JAX's own heartbeat is
+So the bound is `heartbeat_timeout_s` plus up to two `interval`s for a dead peer (a peer's silence
+counts up to the store's last answer, so a store gone quiet is reported as the coordinator, not
+as every peer). JAX's own heartbeat is
 set to twice that (distributed.py) and stays the backstop.
 """
 
@@ -98,7 +100,7 @@ class PeerWatchdog:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.count > 1 and isinstance(exc, jax.errors.JaxRuntimeError):
-            deadline = time.monotonic() + self.settings.heartbeat_timeout_s + 2 * self.interval
+            deadline = time.monotonic() + self.settings.heartbeat_timeout_s + 3 * self.interval
             while self.reason is None and time.monotonic() < deadline:
                 time.sleep(self.interval / 4)  # the judge exits the process if a peer is lost
         self._stop.set()
@@ -162,10 +164,14 @@ class PeerWatchdog:
             failed = [p for p, (e, _) in self._seen.items() if e.endswith(" failed")]
             if failed:
                 return f"process {_names(failed)} {of} failed (its log has the error); stopping"
+            # A peer is silent only while the store answers us: when the store goes quiet every
+            # peer's entry freezes with it, and the silence is the coordinator's (judged above
+            # once it lasts), not theirs. Process 0 hosts the store and judges by the clock.
+            heard = now if self.index == 0 else self._answered
             lost = [
                 p
                 for p, (entry, when) in self._seen.items()
-                if now - when > limit and not entry.endswith(" done")
+                if heard - when > limit and not entry.endswith(" done")
             ]
             if lost:
                 return (

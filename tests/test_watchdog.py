@@ -40,7 +40,7 @@ class Exited(Exception):
     pass
 
 
-def watch(store, index, count=3, heartbeat=1, step_timeout=0):
+def watch(store, index, count=3, heartbeat=1, step_timeout=0, interval=0.05):
     exits = []
     w = PeerWatchdog(
         DistributedSettings(heartbeat_timeout_s=heartbeat, step_timeout_s=step_timeout),
@@ -48,7 +48,7 @@ def watch(store, index, count=3, heartbeat=1, step_timeout=0):
         process_index=index,
         process_count=count,
         exit=exits.append,
-        interval=0.05,
+        interval=interval,
     )
     return w, exits
 
@@ -145,6 +145,21 @@ def test_a_silent_store_is_the_lost_coordinator():
         took = wait_for(exits, 8) - start
     assert exits == [EXIT_CODE] and 1.7 <= took <= 3.5, took  # as above
     assert a.reason.startswith("lost process 0 of 2 (the coordinator)")
+
+
+def test_a_store_gone_quiet_is_not_taken_for_a_lost_peer():
+    """The coordinator beats every second, the store goes down between its beats: its entry last
+    changed up to a second before the store's last answer. Judged by the clock, that entry would
+    go stale first and the coordinator's loss would read as 'no heartbeat' (what CI saw)."""
+    store = Store()
+    a, exits = watch(store, 1, count=2, heartbeat=2)
+    b, _ = watch(store, 0, count=2, heartbeat=30, interval=1.0)
+    with a, b:
+        time.sleep(1.5)  # b has beaten twice; a has polled ~30 times
+        store.down = True
+        wait_for(exits, 8)
+    assert exits == [EXIT_CODE]
+    assert a.reason.startswith("lost process 0 of 2 (the coordinator)"), a.reason
 
 
 def test_a_stalled_step_names_the_slowest_process():
