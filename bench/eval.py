@@ -18,7 +18,7 @@ shared machine varies, and torch's threads slow down under it more than XLA's). 
 largest |difference| of the two sides' log-likelihoods and the fraction of documents where they
 choose the same answer.
 
-`padded_tokens`: the tokens the Scorer's packed rows (`plan`: rows x row length, summed over calls)
+`padded_tokens`: the tokens the Scorer's packed rows (`pack`: rows x row length, summed over calls)
 compute, against `tokens`; `scored_positions`: the vocabulary projections it computes (rows x span),
 against the continuations' tokens.
 
@@ -189,17 +189,16 @@ def main() -> None:
         dec_cfg, params, tokenizer_dir = load_from_hf(directory)
         tokenizer = load_tokenizer_dir(tokenizer_dir)
     ours = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
-    from polyglot_jax.eval.loglikelihood import span_bucket
-
-    rows = ours.scorer.requests_to_rows([ours.encode_request(*r.args) for r in requests])
-    calls = ours.scorer.plan(rows)
+    scorer = ours.scorer
+    rows = scorer.requests_to_rows([ours.encode_request(*r.args) for r in requests])
+    calls = [
+        (length, [[rows[i] for i in row] for row in call]) for length, call in scorer.pack(rows)
+    ]
+    shapes = [(length, *scorer.call_shape(call, length)) for length, call in calls]
     tokens = sum(len(inputs) for inputs, *_ in rows)
-    padded = sum(length * len(call) for length, call in calls)
+    padded = sum(length * n for length, n, _ in shapes)
     continuation_tokens = sum(cont for *_, cont in rows)
-    scored = sum(
-        len(call) * span_bucket(max(sum(rows[i][2] for i in row) for row in call))
-        for _, call in calls
-    )
+    scored = sum(n * span for _, n, span in shapes)
 
     def hf_call():
         with torch.inference_mode():

@@ -355,9 +355,7 @@ def main() -> int:
 
     # After both sides (its buffers must not disturb them): a batch-1 step reads every weight
     # but the input embedding once, its floor on this device.
-    step_bytes = (n_params - cfg.vocab_size * cfg.d_model) * np.dtype(
-        np.float32 if args.dtype == "float32" else np.float16
-    ).itemsize
+    step_bytes = (n_params - cfg.vocab_size * cfg.d_model) * np.dtype(DTYPES[args.dtype]).itemsize
     bandwidth = read_bandwidth(step_bytes)
     record["batch1_floor"] = {
         "weight_bytes_per_step": step_bytes,

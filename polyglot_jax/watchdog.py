@@ -19,8 +19,7 @@ peer, so that every survivor names the process that died rather than each other.
 
 So the bound is `heartbeat_timeout_s` plus up to two `interval`s for a dead peer (a peer's silence
 counts up to the store's last answer, so a store gone quiet is reported as the coordinator, not
-as every peer). JAX's own heartbeat is
-set to twice that (distributed.py) and stays the backstop.
+as every peer). JAX's own heartbeat is set to twice that (distributed.py) and stays the backstop.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ left-truncated to its `max_len` (the harness's `[-(max_length + 1):][:-1]`), and
 the summed float32 log-probability of the continuation's tokens and whether each of them is the
 argmax (`is_greedy`).
 
-Requests are packed (`plan`): sorted longest first, laid one after another into rows of a few
+Requests are packed (`pack`): sorted longest first, laid one after another into rows of a few
 bucket lengths (at least `pack_len`), each its own segment with positions from 0, so attention
 never crosses requests and the result is the request's alone; a COPA request of 19 tokens shares
 a 256-token row with a dozen others instead of padding a row of 32 alone. Only the
@@ -48,7 +48,7 @@ def span_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def plan(
+def pack(
     lengths: Sequence[int],
     *,
     window: int,
@@ -114,7 +114,7 @@ def score_fn(cfg: ModelConfig, row: NamedSharding, packed: bool):
 
 class Scorer:
     """Scores (context, continuation) id pairs with `params` of `cfg` (as generate_weights loads
-    them); `batch_tokens` bounds rows x row length per call; `pack_len` as in `plan` (packing
+    them); `batch_tokens` bounds rows x row length per call; `pack_len` as in `pack` (packing
     needs segment masks, which `attention_impl='cudnn'` lacks: there each request has a row)."""
 
     def __init__(
@@ -160,8 +160,9 @@ class Scorer:
             rows.append((whole[:-1], whole[1:], len(continuation)))
         return rows
 
-    def plan(self, rows) -> list[tuple[int, list[list[int]]]]:
-        return plan(
+    def pack(self, rows) -> list[tuple[int, list[list[int]]]]:
+        """`pack` of `requests_to_rows`' rows under this scorer's budget and mesh."""
+        return pack(
             [len(inputs) for inputs, *_ in rows],
             window=self.cfg.max_len,
             batch_tokens=self.batch_tokens,
@@ -182,7 +183,7 @@ class Scorer:
                 total=len(rows), desc="score", unit="req", disable=None if progress else True
             ) as bar,
         ):
-            for length, call in self.plan(rows):
+            for length, call in self.pack(rows):
                 results_of_call = self._score([[rows[i] for i in r] for r in call], length)
                 for r, row in enumerate(call):
                     for i, value in zip(row, results_of_call[r], strict=True):
@@ -190,11 +191,16 @@ class Scorer:
                 bar.update(sum(map(len, call)))
         return results
 
-    def _score(self, call, length: int) -> list[list[tuple[float, bool]]]:
+    def call_shape(self, call, length: int) -> tuple[int, int]:
+        """(rows, span) of the arrays one call computes: rows padded to few shapes within the
+        budget and to the mesh's row multiple, span to the largest row's continuation tokens."""
         per_call = max(1, self.batch_tokens // length)
         n = min(bucket(len(call), 1), max(per_call, len(call)))  # few shapes, within budget
         n = -(-n // self.row_multiple) * self.row_multiple
-        span = span_bucket(max(sum(cont for *_, cont in row) for row in call))
+        return n, span_bucket(max(sum(cont for *_, cont in row) for row in call))
+
+    def _score(self, call, length: int) -> list[list[tuple[float, bool]]]:
+        n, span = self.call_shape(call, length)
         tokens = np.zeros((n, length), np.int32)
         positions = np.zeros((n, length), np.int32)
         segments = np.zeros((n, length), np.int32)  # 0: padding

@@ -9,7 +9,7 @@ import pytest
 from hf_reference import random_hf_model, require_torch
 
 from polyglot_jax.errors import InputError
-from polyglot_jax.eval.loglikelihood import Scorer, plan
+from polyglot_jax.eval.loglikelihood import Scorer, pack
 from polyglot_jax.generate_weights import load_from_hf
 from polyglot_jax.model import ModelConfig
 from polyglot_jax.partitioning import make_mesh, resolve_mesh_shape, rules_from_config
@@ -80,24 +80,24 @@ def test_packed_rows_match_transformers(model):
         for _ in range(30)
     ]  # fmt: skip
     scorer = Scorer(params, cfg, batch_tokens=96)
-    calls = scorer.plan(scorer.requests_to_rows(requests))
+    calls = scorer.pack(scorer.requests_to_rows(requests))
     assert max(len(row) for _, rows in calls for row in rows) >= 3  # the premise: rows are shared
     got = scorer.loglikelihood(requests)
     want = [_reference(hf, c, x) for c, x in requests]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
     assert [g[1] for g in got] == [w[1] for w in want]
     alone = Scorer(params, cfg, batch_tokens=96, pack_len=0)
-    assert all(len(row) == 1 for _, rows in alone.plan(alone.requests_to_rows(requests))
+    assert all(len(row) == 1 for _, rows in alone.pack(alone.requests_to_rows(requests))
                for row in rows)  # fmt: skip
     np.testing.assert_allclose([a[0] for a in alone.loglikelihood(requests)],
                                [w[0] for w in want], atol=1e-4, rtol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("pack_len", [0, 16, 256])
-def test_plan_places_every_request_once_within_its_row(pack_len):
+def test_pack_places_every_request_once_within_its_row(pack_len):
     rng = np.random.default_rng(pack_len)
     lengths = [int(n) for n in rng.integers(1, 600, 300)] + [2048, 1, 1]
-    calls = plan(lengths, window=2048, batch_tokens=4096, pack_len=pack_len, row_multiple=2)
+    calls = pack(lengths, window=2048, batch_tokens=4096, pack_len=pack_len, row_multiple=2)
     placed = sorted(i for _, rows in calls for row in rows for i in row)
     assert placed == list(range(len(lengths)))
     for length, rows in calls:

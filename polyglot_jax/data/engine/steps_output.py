@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datatrove.data import DocumentsPipeline
@@ -28,6 +28,9 @@ from polyglot_jax.data.engine.merge import merged
 from polyglot_jax.data.engine.steps import Stage
 from polyglot_jax.data.engine.steps_clean import rule_stats_from_json
 from polyglot_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from polyglot_jax.data.tokenizer import LoadedTokenizer
 
 _MASKS = ("<|tel|>", "<|rrn|>", "<|acc|>")
 
@@ -95,7 +98,7 @@ class PlanShards(Stage):
 # ---------------------------------------------------------------------------- stage: write ---
 
 
-def worker_tokenizer(path: str, eos_token: str | None):
+def worker_tokenizer(path: str, eos_token: str | None) -> LoadedTokenizer:
     """The tokenizer of `path`, loaded once per worker process (while its tokenizer.json stays the
     same file): tokenizers 0.23 keeps ~9 MB of every instance that has encoded 25k reviews after
     the instance is dropped, so loading one per task grew a worker by that much per task it ran."""
@@ -106,7 +109,9 @@ def worker_tokenizer(path: str, eos_token: str | None):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_tokenizer(path: str, eos_token: str | None, _mtime_ns: int, _size: int):
+def _load_tokenizer(
+    path: str, eos_token: str | None, _mtime_ns: int, _size: int
+) -> LoadedTokenizer:
     from polyglot_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path, eos_token=eos_token)
