@@ -18,9 +18,11 @@ shared machine varies, and torch's threads slow down under it more than XLA's). 
 largest |difference| of the two sides' log-likelihoods and the fraction of documents where they
 choose the same answer.
 
-`padded_tokens`: the tokens the Scorer's packed rows (`pack`: rows x row length, summed over calls)
-compute, against `tokens`; `scored_positions`: the vocabulary projections it computes (rows x span),
-against the continuations' tokens.
+`laid_tokens`: the tokens of the requests once each document's context is shared by its choices
+(`share_contexts`), against `tokens` (each request on its own); `padded_tokens`: the tokens the
+Scorer's packed rows (`pack`: rows x row length, summed over calls) compute; `scored_positions`:
+the vocabulary projections it computes (`at`, padded; a context's last position scores all its
+choices' first tokens once), against the continuations' tokens.
 
 Goal (issue #15): ours >= 2x HFLM's requests/s (`goal_met`: by the median and by the fastest
 rounds). Needs ../shared/data (KoBEST and the tokenizer) and lm-eval with accelerate (HFLM imports
@@ -177,6 +179,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from polyglot_jax.eval.harness import PolyglotJaxLM
+    from polyglot_jax.eval.loglikelihood import group_length
     from polyglot_jax.generate_weights import load_from_hf, load_tokenizer_dir
 
     cfg = SIZES[args.size]
@@ -191,14 +194,17 @@ def main() -> None:
     ours = PolyglotJaxLM.from_params(dec_cfg, params, tokenizer, batch_tokens=args.batch_tokens)
     scorer = ours.scorer
     rows = scorer.requests_to_rows([ours.encode_request(*r.args) for r in requests])
+    groups = scorer.groups(rows)
     calls = [
-        (length, [[rows[i] for i in row] for row in call]) for length, call in scorer.pack(rows)
+        (length, [[[rows[i] for i in groups[g]] for g in row] for row in call])
+        for length, call in scorer.pack(rows, groups)
     ]
-    shapes = [(length, *scorer.call_shape(call, length)) for length, call in calls]
+    layouts = [scorer.layout(call, length)[0] for length, call in calls]
     tokens = sum(len(inputs) for inputs, *_ in rows)
-    padded = sum(length * n for length, n, _ in shapes)
+    laid = sum(group_length(rows, g) for g in groups)
+    padded = sum(a["tokens"].size for a in layouts)
     continuation_tokens = sum(cont for *_, cont in rows)
-    scored = sum(n * span for _, n, span in shapes)
+    scored = sum(a["at"].size for a in layouts)
 
     def hf_call():
         with torch.inference_mode():
@@ -233,6 +239,7 @@ def main() -> None:
         "documents": docs,
         "requests": len(requests),
         "tokens": tokens,  # model inputs: context + continuation - 1 per request
+        "laid_tokens": laid,  # with each context laid once for all its choices
         "padded_tokens": padded,
         "continuation_tokens": continuation_tokens,
         "scored_positions": scored,

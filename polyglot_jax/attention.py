@@ -40,8 +40,18 @@ def check_attention_backend(impl: str, device: jax.Device | None = None) -> None
 
 
 def causal_mask(segment_ids: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
-    """bool [batch or 1, 1, q_len, kv_len]: key j is visible to query i iff j <= i (and same segment)."""
+    """bool [batch or 1, 1, q_len, kv_len]: key j is visible to query i iff j <= i (and same segment).
+
+    `segment_ids` int32 [batch, seq], or [batch, seq, 2] (segment, branch) for prefix trees: a
+    segment's branch-0 tokens are a trunk that every branch sees, and a branch sees only itself
+    beside it (evaluation lays one context once with all its continuations after it).
+    """
     mask = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)[None, None]
+    if segment_ids is not None and segment_ids.ndim == 3:
+        branch = segment_ids[..., 1]
+        segment_ids = segment_ids[..., 0]
+        seen = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+        mask = mask & seen[:, None]
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask = mask & same[:, None]
@@ -124,13 +134,16 @@ def attend(
     Args:
       q, k, v: [batch, seq, heads, head_dim], un-rotated.
       positions: int32 [batch, seq].
-      segment_ids: int32 [batch, seq] or None; tokens attend only within their segment.
+      segment_ids: int32 [batch, seq] or None; tokens attend only within their segment
+        ([batch, seq, 2] (segment, branch): prefix trees, `xla` only; see `causal_mask`).
       impl: one of ATTENTION_IMPLS.
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    if segment_ids is not None and segment_ids.ndim == 3 and impl != "xla":
+        raise ConfigError(f"attention_impl={impl!r} cannot mask prefix trees; use 'xla'")
     if impl in ("pallas", "pallas_hopper"):
         backend = "mosaic_gpu" if impl == "pallas_hopper" else None
         return pallas_attention(q, k, v, positions, segment_ids, rotary_dim, rope_base, backend)

@@ -116,6 +116,18 @@ def test_cudnn_refuses_packed_segments():
                rotary_dim=4, rope_base=10000.0, impl="cudnn")  # fmt: skip
 
 
+@pytest.mark.parametrize("impl", ["pallas", "cudnn"])
+def test_only_xla_masks_prefix_trees(impl):
+    from polyglot_jax.attention import attend
+    from polyglot_jax.errors import ConfigError
+
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ConfigError, match=f"{impl}.*cannot mask prefix trees"):
+        attend(q, q, q, positions=jnp.zeros((1, 4), jnp.int32),
+               segment_ids=jnp.ones((1, 4, 2), jnp.int32), rotary_dim=4, rope_base=10000.0,
+               impl=impl)  # fmt: skip
+
+
 def test_pallas_hopper_model_matches_xla_in_bfloat16():
     """attention_impl='pallas_hopper' (the Mosaic GPU forward, GPU interpret mode on CPU): logits of
     packed documents and the parameter gradients agree with the xla implementation.

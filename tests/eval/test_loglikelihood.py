@@ -80,17 +80,63 @@ def test_packed_rows_match_transformers(model):
         for _ in range(30)
     ]  # fmt: skip
     scorer = Scorer(params, cfg, batch_tokens=96)
-    calls = scorer.pack(scorer.requests_to_rows(requests))
+    rows = scorer.requests_to_rows(requests)
+    calls = scorer.pack(rows, scorer.groups(rows))
     assert max(len(row) for _, rows in calls for row in rows) >= 3  # the premise: rows are shared
     got = scorer.loglikelihood(requests)
     want = [_reference(hf, c, x) for c, x in requests]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
     assert [g[1] for g in got] == [w[1] for w in want]
     alone = Scorer(params, cfg, batch_tokens=96, pack_len=0)
-    assert all(len(row) == 1 for _, rows in alone.pack(alone.requests_to_rows(requests))
+    rows = alone.requests_to_rows(requests)
+    assert all(len(row) == 1 for _, rows in alone.pack(rows, alone.groups(rows))
                for row in rows)  # fmt: skip
     np.testing.assert_allclose([a[0] for a in alone.loglikelihood(requests)],
                                [w[0] for w in want], atol=1e-4, rtol=1e-6)  # fmt: skip
+
+
+def _multiple_choice(rng, contexts, choices, context_len, choice_len):
+    """Requests as the harness sends a multiple-choice task: each context with each choice."""
+    out = []
+    for _ in range(contexts):
+        context = rng.integers(0, 128, rng.integers(*context_len)).tolist()
+        for _ in range(choices):
+            out.append((context, rng.integers(0, 128, rng.integers(*choice_len)).tolist()))
+    return out
+
+
+def test_shared_contexts_match_transformers(model):
+    """The choices of one context laid as a prefix tree (the context once, each continuation a
+    branch that sees it and itself only): each result is still transformers' on the request
+    alone. Single-token continuations (only the context's last position scores them), contexts
+    left-truncated at the window, and groups too long for one row (split) included."""
+    directory, hf = model
+    cfg, params, _ = load_from_hf(directory)
+    rng = np.random.default_rng(3)
+    requests = (
+        _multiple_choice(rng, 6, 4, (2, 14), (1, 7))
+        + _multiple_choice(rng, 4, 2, (1, 4), (1, 2))  # one-token answers (BoolQ's)
+        + _multiple_choice(rng, 2, 5, (30, 60), (4, 14))  # truncated; 5 rests > the window
+    )
+    scorer = Scorer(params, cfg, batch_tokens=96)
+    rows = scorer.requests_to_rows(requests)
+    groups = scorer.groups(rows)
+    assert sorted(i for g in groups for i in g) == list(range(len(requests)))
+    assert max(map(len, groups)) == 4 and len(groups) < len(requests) / 2  # the premise: shared
+    for g in groups:
+        inputs, _, cont = rows[g[0]]
+        trunk = inputs[: len(inputs) - cont + 1]
+        assert all(rows[i][0][: len(trunk)] == trunk for i in g)
+        assert len(trunk) + sum(rows[i][2] - 1 for i in g) <= cfg.max_len
+    got = scorer.loglikelihood(requests)
+    want = [_reference(hf, c, x) for c, x in requests]
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=1e-6)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    unshared = Scorer(params, cfg, batch_tokens=96, share_contexts=False)
+    assert len(unshared.groups(rows)) == len(requests)
+    alone = unshared.loglikelihood(requests)
+    np.testing.assert_allclose([a[0] for a in alone], [g[0] for g in got], atol=1e-4)
+    assert [a[1] for a in alone] == [g[1] for g in got]
 
 
 @pytest.mark.parametrize("pack_len", [0, 16, 256])
@@ -109,9 +155,14 @@ def test_pack_places_every_request_once_within_its_row(pack_len):
 
 
 def test_sharded_equals_one_device(model):
-    cfg, params, _ = load_from_hf(model[0])
-    requests = _requests()
+    """Rows over 4 shards of the row axis (each block of rows projects its own positions), with
+    shared contexts: = one device, = transformers."""
+    directory, hf = model
+    cfg, params, _ = load_from_hf(directory)
+    requests = _requests() + _multiple_choice(np.random.default_rng(4), 5, 3, (2, 20), (1, 6))
     one = Scorer(params, cfg).loglikelihood(requests)
+    want = [_reference(hf, c, x) for c, x in requests]
+    np.testing.assert_allclose([o[0] for o in one], [w[0] for w in want], atol=1e-4, rtol=1e-6)
     from polyglot_jax.config import base_config
 
     mesh_cfg = base_config().mesh
@@ -119,9 +170,9 @@ def test_sharded_equals_one_device(model):
     mesh = make_mesh(resolve_mesh_shape(mesh_cfg, jax.device_count()))
     rules = rules_from_config(mesh_cfg.rules)
     cfg_s, params_s, _ = load_from_hf(model[0], mesh=mesh, rules=rules)
-    sharded = Scorer(params_s, cfg_s, mesh=mesh, rules=rules, batch_tokens=64).loglikelihood(
-        requests
-    )
+    scorer = Scorer(params_s, cfg_s, mesh=mesh, rules=rules, batch_tokens=64)
+    assert scorer.row_multiple == 4 and scorer.share_contexts  # the premise
+    sharded = scorer.loglikelihood(requests)
     np.testing.assert_allclose([s[0] for s in sharded], [o[0] for o in one], atol=1e-4)
     assert [s[1] for s in sharded] == [o[1] for o in one]
 
