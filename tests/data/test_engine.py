@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from polyglot_jax.data.clean import CleanConfig, clean_files
 from polyglot_jax.data.dedup import MinHasher, NearDuplicateIndex, exact_key
 from polyglot_jax.data.engine import STAGES, preprocess, steps_dedup
-from polyglot_jax.data.engine.merge import bisect, merged
+from polyglot_jax.data.engine.merge import Records, bisect, key_range, merged
 from polyglot_jax.data.records import read_manifest
 from polyglot_jax.data.sources import iter_texts, list_input_files
 from polyglot_jax.data.tokenize import tokenize_to_shards
@@ -315,18 +315,20 @@ def test_another_plan_on_the_same_output_is_refused(tmp_path, synthetic):
         _run(fx, tmp_path / "other", tasks=1)
 
 
-def test_merge_keeps_order_and_key_runs():
+def test_merge_keeps_order_and_key_runs(tmp_path):
     rng = np.random.default_rng(0)
     dtype = np.dtype([("h", "<u8"), ("gid", "<u8")])
-    streams = []
+    arrays = []
     for s in range(4):
         rows = np.empty(3000, dtype)
         rows["h"] = rng.integers(0, 50, 3000)  # many long runs of one key across streams
         rows["gid"] = np.arange(3000) * 4 + s
-        streams.append(rows[np.lexsort((rows["gid"], rows["h"]))])
+        arrays.append(rows[np.lexsort((rows["gid"], rows["h"]))])
+        np.save(tmp_path / f"{s}.npy", arrays[-1])
+    streams = [Records(tmp_path / f"{s}.npy") for s in range(4)]
     batches = list(merged(streams, "h", ("h", "gid"), chunk=100))
     joined = np.concatenate(batches)
-    full = np.concatenate(streams)
+    full = np.concatenate(arrays)
     np.testing.assert_array_equal(joined, full[np.lexsort((full["gid"], full["h"]))])
     keys = [set(b["h"].tolist()) for b in batches]
     assert all(not (a & b) for a, b in itertools.combinations(keys, 2))
@@ -334,10 +336,35 @@ def test_merge_keeps_order_and_key_runs():
     bounded = list(merged(streams, "h", ("h", "gid"), rows=4096))
     assert len(bounded) > 1 and max(map(len, bounded)) <= 4096
     np.testing.assert_array_equal(np.concatenate(bounded), joined)
-    column = streams[0]["h"]
+    column = arrays[0]["h"]
     for value in (0, 1, 7, 49, 50, 10**6):
         for side in ("left", "right"):
             assert bisect(column, value, side) == np.searchsorted(column, value, side)
+
+
+def test_records_restrict_and_read_match_numpy(tmp_path):
+    """A key range of a record file (bisected with single-row reads) and its rows = numpy's
+    searchsorted and slicing of the same array; a truncated or missing file is one clear error."""
+    rng = np.random.default_rng(1)
+    rows = np.zeros(5000, [("hi", "<u8"), ("lo", "<u8"), ("gid", "<u8")])
+    rows["hi"] = np.sort(rng.integers(0, 2**64, 5000, dtype=np.uint64, endpoint=False))
+    rows["gid"] = rng.permutation(5000)
+    np.save(tmp_path / "r.npy", rows)
+    records = Records(tmp_path / "r.npy")
+    assert len(records) == 5000
+    for task in range(7):
+        lo, hi = key_range(task, 7)
+        part = records.restrict("hi", lo, hi)
+        first = np.searchsorted(rows["hi"], np.uint64(lo))
+        last = 5000 if hi >= 2**64 else np.searchsorted(rows["hi"], np.uint64(hi))
+        np.testing.assert_array_equal(part.read(), rows[first:last])
+        np.testing.assert_array_equal(part.read(3, 10), rows[first + 3 : first + 10])
+    data = (tmp_path / "r.npy").read_bytes()
+    (tmp_path / "short.npy").write_bytes(data[:-24])
+    with pytest.raises(InputError, match="short.npy: shorter than its header says"):
+        Records(tmp_path / "short.npy").read(4990)
+    with pytest.raises(InputError, match="gone.npy: missing"):
+        Records(tmp_path / "gone.npy")
 
 
 def _fake_slurm(tmp_path: pathlib.Path) -> pathlib.Path:

@@ -177,13 +177,9 @@ def save_array(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def load_array(path: Path, mmap: bool = True) -> np.ndarray:
-    """A saved array, memory-mapped when it has rows (numpy cannot map an empty one)."""
+def load_array(path: Path) -> np.ndarray:
+    """A saved array, read whole (a file of one task's share; the merges read with
+    `merge.Records` instead, a chunk at a time)."""
     if not path.is_file():
         raise InputError(f"{path}: missing (did the stage that writes it finish?)")
-    if mmap:
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError:
-            pass
     return np.load(path, allow_pickle=False)

@@ -20,7 +20,7 @@ import numpy as np
 from polyglot_jax.data.clean import CleanConfig
 from polyglot_jax.data.dedup import NearDuplicateIndex
 from polyglot_jax.data.engine import layout as lay
-from polyglot_jax.data.engine.merge import key_range, merged, restrict
+from polyglot_jax.data.engine.merge import Records, key_range, merged
 from polyglot_jax.data.engine.steps import Stage
 from polyglot_jax.errors import InputError
 
@@ -39,7 +39,7 @@ def _load_removed(layout: lay.Layout, kind: str, rank: int) -> np.ndarray:
     directory = layout.removed(kind, rank, 0).parent
     if not directory.is_dir():
         return np.empty(0, np.uint64)
-    parts = [lay.load_array(p, mmap=False) for p in sorted(directory.glob("*.npy"))]
+    parts = [lay.load_array(p) for p in sorted(directory.glob("*.npy"))]
     return np.concatenate(parts) if parts else np.empty(0, np.uint64)
 
 
@@ -70,9 +70,7 @@ class ExactDuplicates(Stage):
     def work(self, rank: int, world_size: int) -> dict[str, Any]:
         layout = self.layout
         lo, hi = key_range(rank, world_size)
-        streams = [
-            restrict(lay.load_array(layout.exact(r)), "hi", lo, hi) for r in range(layout.tasks)
-        ]
+        streams = [Records(layout.exact(r)).restrict("hi", lo, hi) for r in range(layout.tasks)]
         removed, keys, documents = [], 0, 0
         for batch in merged(streams, "hi", ("hi", "lo", "gid"), rows=self.merge_rows):
             first = np.ones(len(batch), bool)
@@ -103,9 +101,7 @@ class MinhashBuckets(Stage):
         per_band = int(self.plan["minhash"]["tasks_per_band"])
         band, part = divmod(rank, per_band)
         lo, hi = key_range(part, per_band)
-        streams = [
-            restrict(lay.load_array(layout.band(band, r)), "h", lo, hi) for r in range(layout.tasks)
-        ]
+        streams = [Records(layout.band(band, r)).restrict("h", lo, hi) for r in range(layout.tasks)]
         edges, members, documents, buckets, in_buckets, largest = [], [], 0, 0, 0, 0
         for batch in merged(streams, "h", ("h", "gid"), rows=self.merge_rows):
             h = batch["h"]
@@ -190,7 +186,7 @@ class MinhashClusters(Stage):
     def work(self, rank: int, world_size: int) -> dict[str, Any]:
         layout = self.layout
         tasks = int(self.plan["minhash"]["bucket_tasks"])
-        streams = [lay.load_array(layout.nodes(t)) for t in range(tasks)]
+        streams = [Records(layout.nodes(t)) for t in range(tasks)]
         unique = [
             batch[np.unique(batch["gid"], return_index=True)[1]]
             for batch in merged(streams, "gid", ("gid",), rows=self.merge_rows)
@@ -201,7 +197,7 @@ class MinhashClusters(Stage):
         parent = np.arange(len(nodes), dtype=np.int64)
         edges = 0
         for t in range(tasks):
-            pairs = lay.load_array(layout.edges(t), mmap=False)
+            pairs = lay.load_array(layout.edges(t))
             edges += len(pairs)
             ia = np.searchsorted(nodes, pairs["a"])
             ib = np.searchsorted(nodes, pairs["b"])
@@ -243,7 +239,7 @@ class MinhashResolve(Stage):
                 f"band layout {index.bands}x{index.rows} differs from the plan's "
                 f"{plan['minhash']['bands']}x{plan['minhash']['rows']} (another datasketch?)"
             )
-        nodes = lay.load_array(layout.cluster(rank), mmap=False)
+        nodes = lay.load_array(layout.cluster(rank))
         gids = nodes["gid"]
         # Every signature this task needs, read row by row from the rank that holds it.
         signatures = np.empty((len(nodes), num_perm), np.uint32)
@@ -269,7 +265,7 @@ class KeptDocuments(Stage):
 
     def work(self, rank: int, world_size: int) -> dict[str, Any]:
         layout = self.layout
-        docs = lay.load_array(layout.docs(rank), mmap=False)
+        docs = lay.load_array(layout.docs(rank))
         exact = _load_removed(layout, "exact", rank)
         near = _load_removed(layout, "near", rank)
         is_exact = np.isin(docs["gid"], exact)

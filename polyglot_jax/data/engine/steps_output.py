@@ -24,7 +24,7 @@ from datatrove.data import DocumentsPipeline
 from polyglot_jax.data.clean import CleanConfig, RuleStats
 from polyglot_jax.data.engine import layout as lay
 from polyglot_jax.data.engine.layout import STAGES
-from polyglot_jax.data.engine.merge import merged
+from polyglot_jax.data.engine.merge import Records, merged
 from polyglot_jax.data.engine.steps import Stage
 from polyglot_jax.data.engine.steps_clean import rule_stats_from_json
 from polyglot_jax.errors import InputError
@@ -50,7 +50,7 @@ class PlanShards(Stage):
     def work(self, rank: int, world_size: int) -> dict[str, Any]:
         layout = self.layout
         limit = int(self.plan["shard_chars"])
-        streams = [lay.load_array(layout.kept(r)) for r in range(layout.tasks)]
+        streams = [Records(layout.kept(r)) for r in range(layout.tasks)]
         shards: list[dict[str, Any]] = []
         acc = count = empty = kept = 0
         for batch in merged(streams, "gid", ("gid",), rows=self.merge_rows):
@@ -86,7 +86,7 @@ class PlanShards(Stage):
         for shard in shards:
             shard["parts"] = []
         for r in range(layout.tasks):
-            gids = lay.load_array(layout.kept(r), mmap=False)["gid"]
+            gids = lay.load_array(layout.kept(r))["gid"]
             firsts = np.searchsorted(gids, ranges[:, 0], "left")
             ends = np.searchsorted(gids, ranges[:, 1], "right")
             for k in np.flatnonzero(ends > firsts):
@@ -181,7 +181,7 @@ class WriteShards(Stage):
         """The texts of rows [first, end) of each [rank, first, end), in gid order."""
         found: list[tuple[np.ndarray, list[str]]] = []
         for r, first, end in parts:
-            rows = np.asarray(lay.load_array(self.layout.kept(r))[first:end])
+            rows = Records(self.layout.kept(r)).read(first, end)
             base = int(rows["off"][0])
             with open(self.layout.texts(r), "rb") as f:
                 f.seek(base)
