@@ -25,6 +25,8 @@ from importlib import metadata
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 from polyglot_jax.data.clean import CleanConfig, clean_files, clean_text  # noqa: E402
 from polyglot_jax.data.dedup import MinHasher, NearDuplicateIndex, exact_key  # noqa: E402
 
@@ -84,7 +86,7 @@ def bench_clean(path: pathlib.Path, limit: int | None, workers: int = 1) -> dict
     return {
         "benchmark": "clean",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(),
         "input": str(path.relative_to(REPO.parent))

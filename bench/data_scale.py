@@ -48,6 +48,8 @@ sys.path.insert(0, str(REPO))
 # every core, which is not the one-worker rate).
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # runnable from a checkout without installing
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 from polyglot_jax.data.clean import CleanConfig, clean_files  # noqa: E402
 from polyglot_jax.data.engine import preprocess  # noqa: E402
 from polyglot_jax.data.tokenize import tokenize_to_shards  # noqa: E402
@@ -254,7 +256,7 @@ def main() -> int:
     result = {
         "benchmark": "data_scale",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(),
         "command": " ".join(["python", "bench/data_scale.py", *sys.argv[1:]]),
