@@ -42,6 +42,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from machine import cpu_model  # bench/machine.py (the script's directory is on sys.path)
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to time.")
@@ -260,6 +261,7 @@ def main(argv):
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "platform": jax.default_backend(),
+        "cpu": cpu_model(),
         "cpu_cores": _cores(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": _version("flax"), "optax": _version("optax"), "torch": _version("torch") if theirs else None, "transformers": _version("transformers") if theirs else None},
         "shape": _SHAPE.value,
