@@ -35,7 +35,7 @@ PY312_TESTS := tests/kernels tests/test_model.py tests/test_flops.py tests/test_
 	tests/test_watchdog.py \
 	tests/cli/test_info.py::test_show_devices_names_the_backend_platform_version_and_every_device
 
-.PHONY: demo test test-py312 lint format install clean-venv check-python
+.PHONY: demo test test-py312 lint format install clean-venv check-python bench-wheels
 
 check-python:
 	@test -n "$(PYTHON_EXE)" || { echo "make: $(PYTHON) not found (set PYTHON=...)" >&2; exit 2; }
@@ -84,3 +84,16 @@ format: check-python $(VENV)/.installed-test
 
 clean-venv:
 	rm -rf $(VENV)
+
+# bench/wheels: the Python 3.12 wheels the GPU machine's image lacks (bench/device_suite.sh
+# installs them there into its output directory; the device tool carries this directory).
+# Versions from constraints-py312.txt; downloaded here, where PyPI is reachable.
+BENCH_WHEELS := grain array_record ml_collections cloudpickle portpicker pytest pluggy iniconfig pygments
+
+bench-wheels: check-python $(VENV)/.installed
+	rm -rf bench/wheels
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps \
+		--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -c constraints-py312.txt -d bench/wheels $(BENCH_WHEELS)
+	@ls bench/wheels

@@ -19,14 +19,24 @@ FLOPs, for each remat policy (`--remat_policies`), from the compiled step withou
   once, so with scanned layers they are per-layer figures for the loop parts (`flops` adds the
   dots of every further run of a loop, as mesh_bench does).
 
-Time (`--torch`, default on CPU): `--rounds` rounds, each timing `--steps` steps of our step and
-then of `GPTNeoXForCausalLM` (sdpa attention, float32) + `torch.optim.AdamW` with global-norm
-clipping at the same shape, on the same random tokens; per backend the median of all its steps,
+Time (`--torch`, on where torch and transformers import; skipped with the reason in `skipped`
+otherwise): `--rounds` rounds, each timing `--steps` steps of our step and then of
+`GPTNeoXForCausalLM` (sdpa attention; on CUDA when torch sees a GPU, with fused AdamW and
+`torch.compile` by default, eager if compiling fails, which `torch_compile_error` records) +
+`torch.optim.AdamW` with global-norm clipping at the same shape and precision policy (float32
+weights and optimizer, compute in the config's dtype under torch.autocast), on the same random
+tokens; per backend the median of all its steps,
 after one warm-up step each. Interleaving the two keeps a loaded machine's drift out of the
 ratio; the load average is recorded before and after. `speed_ratio` = torch step / our step
 (> 1: we are faster); `cpu_ratio` the same in process CPU seconds (all threads), which a loaded
 machine disturbs less (run under `taskset -c 1` for a one-core comparison that another process's
 load cannot skew much). The batch is random tokens (the step's cost does not depend on them).
+
+MFU: model FLOP/s against the datasheet bf16 peak (`flops.PEAK_BF16_FLOPS`; none on CPU) and
+against a dense matmul rate measured in the same run in the config's dtype (`matmul_peak`).
+Peak device memory: ours from jax's memory_stats, torch's from max_memory_allocated. Both
+frameworks share one GPU, so jax's preallocation is capped (XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
+unless set).
 """
 
 from __future__ import annotations
@@ -39,19 +49,25 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
-from machine import cpu_model  # bench/machine.py (the script's directory is on sys.path)
-from ml_collections import config_flags
+# Ours and torch share one GPU: jax must not preallocate 75 % of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py; the script's directory is on sys.path)
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config to time.")
 _SHAPE = flags.DEFINE_enum("shape", None, ["neox56m"], "A model/batch shape applied over --config.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per backend per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (ours, torch) timing, interleaved.")
-_TORCH = flags.DEFINE_boolean("torch", None, "Time transformers + torch too (default: on CPU).")
+_TORCH = flags.DEFINE_boolean("torch", True, "Time transformers + torch too (where importable).")
 _REMAT = flags.DEFINE_list(
     "remat_policies", "none,full,dots,dots_no_batch", "Policies to compile and count FLOPs for."
+)
+_TORCH_COMPILE = flags.DEFINE_boolean(
+    "torch_compile", None, "torch.compile transformers' model (default: on a GPU)."
 )
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
@@ -134,17 +150,22 @@ class OurStep:
 
 
 class TorchStep:
-    """transformers' GPTNeoXForCausalLM (sdpa, float32) + torch AdamW, the same shape and optimizer
+    """transformers' GPTNeoXForCausalLM (sdpa) + torch AdamW, the same shape and optimizer
     settings: loss = mean next-token cross entropy, clip_grad_norm_, AdamW with weight decay on
-    matrices only, zero_grad(set_to_none=True)."""
+    matrices only, zero_grad(set_to_none=True). On CUDA when torch sees a GPU, else CPU. The same
+    precision policy as ours: float32 weights and AdamW, compute in the config's dtype (bfloat16
+    or float16 under torch.autocast; float32 without it); `compile`: torch.compile the model
+    (the caller falls back to eager if it fails, and says so)."""
 
-    def __init__(self, config, model_cfg, tokens: np.ndarray):
+    def __init__(self, config, model_cfg, tokens: np.ndarray, compile: bool = False):
         import torch
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         from polyglot_jax.hf.mapping import to_hf_config
 
-        torch.set_num_threads(_cores())
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(_cores())
         torch.manual_seed(0)
         fields = {
             k: v
@@ -152,7 +173,8 @@ class TorchStep:
             if k not in ("architectures", "model_type", "torch_dtype")
         }
         hf = GPTNeoXConfig(**fields, attn_implementation="sdpa")
-        self.model = GPTNeoXForCausalLM(hf).float().train()
+        self.model = GPTNeoXForCausalLM(hf).float().to(self.device).train()
+        self.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_cfg.dtype)
         t = config.train
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
@@ -161,29 +183,62 @@ class TorchStep:
             lr=t.lr,
             betas=(t.b1, t.b2),
             eps=t.eps,
+            fused=self.device.type == "cuda",
         )  # fmt: skip
         self.clip = t.clip_norm
-        self.inputs = torch.as_tensor(tokens[:, :-1]).long()
-        self.targets = torch.as_tensor(tokens[:, 1:]).long()
+        self.inputs = torch.as_tensor(tokens[:, :-1]).long().to(self.device)
+        self.targets = torch.as_tensor(tokens[:, 1:]).long().to(self.device)
         self.torch = torch
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.compiled = compile
         self.loss = None
         self.cpu_s: list[float] = []
+
+    def eager(self) -> None:
+        """Back to the uncompiled model (torch.compile failed)."""
+        self.forward, self.compiled = self.model, False
 
     def step(self) -> float:
         torch = self.torch
         start, cpu = time.perf_counter(), time.process_time()
-        logits = self.model(input_ids=self.inputs).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), self.targets.flatten()
-        )
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            logits = self.forward(input_ids=self.inputs).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), self.targets.flatten()
+            )
         loss.backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.loss = float(loss.detach())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self.cpu_s.append(time.process_time() - cpu)
         return time.perf_counter() - start
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return int(self.torch.cuda.max_memory_allocated())
+
+
+def matmul_peak(dtype: str = "bfloat16") -> dict:
+    """The device's measured dense matmul rate: jnp.dot of two square matrices (8192 on a GPU or
+    TPU, 1024 on CPU) in `dtype`, best of 10 after a warm-up, in FLOP/s: the attainable peak
+    that MFU is also reported against (datasheet peaks are rarely reached)."""
+    import jax.numpy as jnp
+
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    dot = jax.jit(lambda a, b: a @ b)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return {"dtype": dtype, "n": n, "flop_per_s": 2 * n**3 / best}
 
 
 def compiled_costs(config, policies) -> dict:
@@ -225,7 +280,7 @@ def main(argv):
 
     config = apply_shape(_CONFIG.value, _SHAPE.value)
     t = config.train
-    with_torch = jax.default_backend() == "cpu" if _TORCH.value is None else _TORCH.value
+    with_torch = _TORCH.value is not False
     rng = np.random.default_rng(0)
     vocab = config.model.vocab_size
     tokens = rng.integers(0, vocab, (t.batch_size, t.seq_len + 1), dtype=np.int32)
@@ -236,9 +291,28 @@ def main(argv):
     start = time.perf_counter()
     ours.step()
     compile_s = time.perf_counter() - start
-    theirs = TorchStep(config, model_cfg, tokens) if with_torch else None
-    if theirs is not None:
-        theirs.step()  # warm-up
+    skipped = {}
+    theirs, compile_error = None, None
+    if with_torch:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            skipped["torch"] = f"transformers + torch not importable here: {e}"
+            with_torch = False
+    if with_torch:
+        gpu = jax.default_backend() == "gpu"
+        use_compile = gpu if _TORCH_COMPILE.value is None else _TORCH_COMPILE.value
+        theirs = TorchStep(config, model_cfg, tokens, compile=use_compile)
+        try:
+            theirs.step()  # warm-up (torch.compile compiles here)
+        except (RuntimeError, AssertionError, theirs.torch._dynamo.exc.TorchDynamoException) as e:
+            if not theirs.compiled:
+                raise
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            print(f"torch.compile failed, timing eager torch: {compile_error}", flush=True)
+            theirs.eager()
+            theirs.step()
         theirs.cpu_s.clear()
     ours.cpu_s.clear()  # the first (compiling) step
     times: dict[str, list[float]] = {"ours": [], "torch": []}
@@ -256,6 +330,10 @@ def main(argv):
     peak = t.peak_flops_per_device or flops.peak_flops_per_device()
     flops_per_step = flops.training_flops_per_token(model_cfg, t.seq_len) * tokens_per_step
     memory = jax.devices()[0].memory_stats() or {}
+    measured = matmul_peak(config.model.dtype)
+    measured_peak = measured["flop_per_s"]
+    if peak is None:
+        skipped["mfu"] = f"no datasheet peak for device kind {jax.devices()[0].device_kind!r}"
     result = {
         "benchmark": "train_step",
         "device": jax.devices()[0].device_kind,
@@ -287,9 +365,19 @@ def main(argv):
         "model_flops_per_step": flops_per_step,
         "model_flop_per_s": flops_per_step / step_s,
         "mfu": flops_per_step / step_s / (peak * jax.device_count()) if peak else None,
+        "datasheet_peak_flop_per_s": peak,
+        "matmul_peak": measured,  # measured in this run, on one device
+        "mfu_of_measured_matmul_peak": flops_per_step / step_s / (measured_peak * jax.device_count()),
+        "torch_mfu": flops_per_step / torch_s / peak if torch_s and peak and jax.device_count() == 1 else None,
         "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
+        "torch_device": str(theirs.device) if theirs else None,
+        "torch_precision": ("autocast " + config.model.dtype if theirs.autocast else "float32") if theirs else None,
+        "torch_compiled": theirs.compiled if theirs else None,
+        "torch_compile_error": compile_error,
+        "torch_peak_bytes": theirs.peak_bytes() if theirs else None,
         "loss": float(ours.metrics["loss"]),
         "torch_loss": theirs.loss if theirs else None,
+        "skipped": skipped,  # what this run could not do here, and why
         "compiled": costs,
     }  # fmt: skip
     print(json.dumps(result, indent=2))

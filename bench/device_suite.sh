@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The GPU questions of issue #18 in one command, within ~8 minutes on one H100/H200:
+#   1. device      what jax and torch see (device.json)
+#   2. kernels     tests/kernels/test_on_device.py natively on the GPU (kernels.xml)
+#   3. attention   bench/attention.py at seq 2048: pallas, pallas_hopper, cudnn, xla, fwd and
+#                  fwd+bwd TFLOP/s (attention.json)
+#   4. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
+#                  first one also times transformers + torch AdamW in the same process
+#                  (train_step_1_3b_IMPL.json)
+#   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
+# Each step runs under its own time limit and is recorded in OUT/summary.json (status, seconds,
+# command, log) whatever the others do; logs in OUT/logs/. Exit status: 0 when every step passed
+# (or was skipped for a stated reason: generate without torch).
+#
+#   bash bench/device_suite.sh [OUT]              # default OUT: bench/results/device-<UTC stamp>
+#   bash bench/device_suite.sh --rehearse [OUT]   # CPU: the same steps at tiny sizes (CI runs it)
+#
+# The GPU image has jax, flax, optax, orbax, torch and transformers but not grain, array_record,
+# ml-collections or pytest: `make bench-wheels` puts their Python 3.12 wheels in bench/wheels/
+# (ignored by git), which the device tool must carry, writing under its $OUT so that the results
+# come back: run(command='bash bench/device_suite.sh "$OUT/suite"', carry=["bench/wheels"]).
+# They are installed into a temporary directory put first on PYTHONPATH (the image's own
+# packages stay as they are).
+# Environment: IMPLS (attention_impls for train_step), TRAIN_BATCH (1.3B batch size, default 8).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+rehearse=0
+if [ "${1:-}" = "--rehearse" ]; then
+    rehearse=1
+    shift
+fi
+out=${1:-bench/results/device-$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$out/logs"
+out=$(cd "$out" && pwd)
+py=${PYTHON:-python3}
+: >"$out/steps.jsonl"
+
+needed="grain array_record ml_collections pytest absl jax flax optax orbax.checkpoint"
+missing=$($py - $needed <<'EOF'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+    if compgen -G "bench/wheels/*.whl" >/dev/null; then
+        echo "device_suite: installing carried wheels for: $missing"
+        site=$(mktemp -d)
+        $py -m pip install --quiet --no-index --no-deps --target "$site" bench/wheels/*.whl \
+            >"$out/logs/wheels.log" 2>&1 || echo "device_suite: wheel install failed (logs/wheels.log)"
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "device_suite: missing $missing and no bench/wheels/ (make bench-wheels, then carry it)" >&2
+    fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" # the checkout's package, not an installed one
+
+# step NAME LIMIT_S COMMAND...: runs it, logs it, records it; never stops the suite.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "device_suite: $name: $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$out/logs/$name.log" 2>&1
+    local rc=$?
+    local status=passed
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="timed out after ${limit}s"
+    elif [ $rc -ne 0 ]; then status="failed (exit $rc)"; fi
+    echo "device_suite: $name: $status in $((SECONDS - start)) s"
+    $py - "$out/steps.jsonl" "$name" "$status" "$rc" "$((SECONDS - start))" "$limit" "$@" <<'EOF'
+import json, sys
+path, name, status, rc, seconds, limit, *command = sys.argv[1:]
+with open(path, "a") as f:
+    f.write(json.dumps({"step": name, "status": status, "rc": int(rc), "seconds": int(seconds),
+                        "limit_s": int(limit), "command": command,
+                        "log": f"logs/{name}.log"}) + "\n")
+EOF
+}
+
+# skip NAME REASON: records a step that cannot run here (the summary still passes).
+skip() {
+    echo "device_suite: $1: skipped: $2"
+    $py - "$out/steps.jsonl" "$1" "$2" <<'EOF'
+import json, sys
+path, name, reason = sys.argv[1:]
+with open(path, "a") as f:
+    f.write(json.dumps({"step": name, "status": "skipped", "reason": reason}) + "\n")
+EOF
+}
+torch_here=1
+$py -c "import torch, transformers" 2>/dev/null || torch_here=0
+
+step device 120 $py - "$out/device.json" <<'EOF'
+import importlib.metadata, json, platform, sys
+import jax
+info = {"python": platform.python_version(), "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [{"kind": d.device_kind, "platform": d.platform,
+                     "compute_capability": getattr(d, "compute_capability", None)}
+                    for d in jax.devices()]}
+for name in ("jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "transformers", "grain",
+             "ml_collections", "triton"):
+    try:
+        info[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        info[name] = None
+try:
+    import torch
+    info["torch_cuda"] = torch.cuda.is_available()
+    info["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+except ImportError:
+    info["torch_cuda"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+EOF
+
+step kernels 150 $py -m pytest -q -p no:cacheprovider tests/kernels/test_on_device.py \
+    -rs --junitxml="$out/kernels.xml"
+
+impls=${IMPLS:-cudnn pallas_hopper pallas xla}
+if [ $rehearse = 1 ]; then
+    # CPU: interpret-mode kernels (one per family), the tiny config, the tiny generate model.
+    step attention 240 $py bench/attention.py --smoke --impls pallas xla --out="$out/attention.json"
+    torch_flag=--torch
+    for impl in xla; do
+        step "train_step_$impl" 240 $py bench/train_step.py --config=configs/tiny.py \
+            --config.model.attention_impl=$impl --remat_policies=none --steps=1 --rounds=1 \
+            $torch_flag --torch_compile=false --out="$out/train_step_tiny_$impl.json"
+        torch_flag=--notorch
+    done
+    if [ $torch_here = 1 ]; then
+        step generate 240 $py bench/generate.py --size=tiny --batches 1 --new-tokens 4 \
+            --repeats 1 --out="$out/generate.json"
+    else
+        skip generate "torch/transformers not importable here (the bench compares with them)"
+    fi
+else
+    step attention 180 $py bench/attention.py --seqs 2048 --out="$out/attention.json"
+    torch_flag=--torch  # transformers once, beside the first implementation
+    for impl in $impls; do
+        step "train_step_$impl" 240 $py bench/train_step.py --config=configs/polyglot_ko_1_3b.py \
+            --config.model.attention_impl=$impl --config.train.batch_size="${TRAIN_BATCH:-8}" \
+            --config.train.grad_accum=1 --remat_policies= --steps=3 --rounds=2 $torch_flag \
+            --out="$out/train_step_1_3b_$impl.json"
+        torch_flag=--notorch
+    done
+    step generate 240 $py bench/generate.py --size=1.3b --dtype=bfloat16 --device=cuda \
+        --batches 1 16 --out="$out/generate.json"
+fi
+
+$py - "$out" "$rehearse" <<'EOF'
+import json, pathlib, sys
+out, rehearse = pathlib.Path(sys.argv[1]), sys.argv[2] == "1"
+steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+device = json.loads((out / "device.json").read_text()) if (out / "device.json").exists() else {}
+summary = {"rehearsal": rehearse, "device": device, "steps": steps,
+           "results": sorted(p.name for p in out.glob("*.json") if p.name != "summary.json"),
+           "passed": all(s["status"] in ("passed", "skipped") for s in steps)}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(f"device_suite: {sum(s['status'] == 'passed' for s in steps)}/{len(steps)} steps passed; "
+      f"{out / 'summary.json'}")
+sys.exit(0 if summary["passed"] else 1)
+EOF
