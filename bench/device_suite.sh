@@ -6,7 +6,7 @@
 #                  fwd+bwd TFLOP/s (attention.json)
 #   4. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
 #                  first one also times transformers + torch AdamW in the same process
-#                  (train_step_1_3b_IMPL.json)
+#                  (train_step_1_3b_IMPL.json; the other impls run after generate)
 #   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
 # Each step runs under its own time limit and is recorded in OUT/summary.json (status, seconds,
 # command, log) whatever the others do; logs in OUT/logs/. Exit status: 0 when every step passed
@@ -54,10 +54,32 @@ if [ -n "$missing" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" # the checkout's package, not an installed one
 
-# step NAME LIMIT_S COMMAND...: runs it, logs it, records it; never stops the suite.
+# skip NAME REASON [STATUS]: records a step that did not run; "skipped" (the default: it cannot
+# run here) still lets the summary pass, any other status does not.
+skip() {
+    local status=${3:-skipped}
+    echo "device_suite: $1: $status: $2"
+    $py - "$out/steps.jsonl" "$1" "$2" "$status" <<'EOF'
+import json, sys
+path, name, reason, status = sys.argv[1:]
+with open(path, "a") as f:
+    f.write(json.dumps({"step": name, "status": status, "reason": reason}) + "\n")
+EOF
+}
+# step NAME LIMIT_S COMMAND...: runs it, logs it, records it; never stops the suite. A step gets
+# at most what is left of the suite's budget (SUITE_BUDGET_S, default 540: the device tool allows
+# 600 s a command), and is skipped, saying so, when under 30 s are left.
+budget=${SUITE_BUDGET_S:-540}
+deadline=$((SECONDS + budget))
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((deadline - SECONDS))
+    if [ $left -lt 30 ]; then
+        skip "$name" "the suite's ${budget} s budget was spent" "not run"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "device_suite: $name: $*"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$out/logs/$name.log" 2>&1
@@ -76,16 +98,6 @@ with open(path, "a") as f:
 EOF
 }
 
-# skip NAME REASON: records a step that cannot run here (the summary still passes).
-skip() {
-    echo "device_suite: $1: skipped: $2"
-    $py - "$out/steps.jsonl" "$1" "$2" <<'EOF'
-import json, sys
-path, name, reason = sys.argv[1:]
-with open(path, "a") as f:
-    f.write(json.dumps({"step": name, "status": "skipped", "reason": reason}) + "\n")
-EOF
-}
 torch_here=1
 $py -c "import torch, transformers" 2>/dev/null || torch_here=0
 
@@ -135,16 +147,21 @@ if [ $rehearse = 1 ]; then
     fi
 else
     step attention 180 $py bench/attention.py --seqs 2048 --out="$out/attention.json"
-    torch_flag=--torch  # transformers once, beside the first implementation
-    for impl in $impls; do
-        step "train_step_$impl" 240 $py bench/train_step.py --config=configs/polyglot_ko_1_3b.py \
-            --config.model.attention_impl=$impl --config.train.batch_size="${TRAIN_BATCH:-8}" \
-            --config.train.grad_accum=1 --remat_policies= --steps=3 --rounds=2 $torch_flag \
-            --out="$out/train_step_1_3b_$impl.json"
-        torch_flag=--notorch
-    done
-    step generate 240 $py bench/generate.py --size=1.3b --dtype=bfloat16 --device=cuda \
+    train_step() {  # IMPL TORCH_FLAG
+        step "train_step_$1" 240 $py bench/train_step.py --config=configs/polyglot_ko_1_3b.py \
+            --config.model.attention_impl="$1" --config.train.batch_size="${TRAIN_BATCH:-8}" \
+            --config.train.grad_accum=1 --remat_policies= --steps=3 --rounds=2 "$2" \
+            --out="$out/train_step_1_3b_$1.json"
+    }
+    # By priority, so that a spent budget drops the least needed: transformers once, beside the
+    # first implementation; generation; then the other implementations.
+    first=${impls%% *}
+    train_step "$first" --torch
+    step generate 200 $py bench/generate.py --size=1.3b --dtype=bfloat16 --device=cuda \
         --batches 1 16 --out="$out/generate.json"
+    for impl in ${impls#"$first"}; do
+        train_step "$impl" --notorch
+    done
 fi
 
 $py - "$out" "$rehearse" <<'EOF'
