@@ -2,8 +2,8 @@
 # The GPU questions of issue #18 in one command, within ~8 minutes on one H100/H200:
 #   1. device      what jax and torch see (device.json)
 #   2. kernels     tests/kernels/test_on_device.py natively on the GPU (kernels.xml)
-#   3. attention   bench/attention.py at seq 2048: pallas, pallas_hopper, cudnn, xla, fwd and
-#                  fwd+bwd TFLOP/s (attention.json)
+#   3. attention   bench/attention.py at seq 2048: pallas, pallas_hopper (each also with fused
+#                  RoPE), cudnn, xla; fwd and fwd+bwd TFLOP/s, head_dim 128 and 256 (attention.json)
 #   4. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
 #                  first one also times transformers + torch AdamW in the same process
 #                  (train_step_1_3b_IMPL.json; the other impls run after generate)
@@ -146,7 +146,10 @@ if [ $rehearse = 1 ]; then
         skip generate "torch/transformers not importable here (the bench compares with them)"
     fi
 else
-    step attention 180 $py bench/attention.py --seqs 2048 --out="$out/attention.json"
+    # The kernels the goals are about, with and without fused RoPE, and the two references
+    # (each a compile per head_dim and mode; every variant would not fit the budget).
+    step attention 200 $py bench/attention.py --seqs 2048 --impls pallas pallas+rope \
+        pallas_hopper pallas_hopper+rope cudnn xla --out="$out/attention.json"
     train_step() {  # IMPL TORCH_FLAG
         step "train_step_$1" 240 $py bench/train_step.py --config=configs/polyglot_ko_1_3b.py \
             --config.model.attention_impl="$1" --config.train.batch_size="${TRAIN_BATCH:-8}" \

@@ -13,8 +13,8 @@ context (a multiple-choice document's choices) share it (`share_contexts`): the 
 once and each continuation after it as a branch of a prefix tree that sees the context and
 itself only (`attention.causal_mask`), at the positions it would have alone, so a 5-shot BoolQ
 document's 1,500 context tokens are computed once, not once per choice. Only the continuations'
-positions reach the vocabulary projection. A whole task compiles once per (row length, rows,
-span) shape; rows are sharded over the mesh's batch axes.
+positions reach the vocabulary projection. A whole task compiles once per shape (row length,
+rows, projected positions, scored tokens); rows are sharded over the mesh's batch axes.
 """
 
 from __future__ import annotations
