@@ -125,8 +125,12 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info))
 EOF
 
-step kernels 150 $py -m pytest -q -p no:cacheprovider tests/kernels/test_on_device.py \
-    -rs --junitxml="$out/kernels.xml"
+# tests/conftest.py defaults JAX_PLATFORMS to cpu (the fake-device meshes): here the GPU is the
+# point. test_on_device.py fails, rather than skips, when a GPU is present but jax runs on CPU.
+platforms=cpu
+[ $rehearse = 1 ] || platforms=${JAX_PLATFORMS:-cuda,cpu}
+step kernels 150 env JAX_PLATFORMS="$platforms" $py -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_on_device.py -rs --junitxml="$out/kernels.xml"
 
 impls=${IMPLS:-cudnn pallas_hopper pallas xla}
 if [ $rehearse = 1 ]; then

@@ -7,6 +7,9 @@ On CPU these skip, saying so: the same kernels run there in interpret mode
 `bench/device_suite.sh` runs this file on the GPU.
 """
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,10 +17,20 @@ from attention_reference import run_case
 
 GPU = jax.default_backend() == "gpu"
 HOPPER = GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-
-pytestmark = pytest.mark.skipif(
+NVIDIA_HERE = os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+on_gpu = pytest.mark.skipif(
     not GPU, reason=f"needs a GPU (this run's backend is {jax.default_backend()})"
 )
+
+
+def test_a_gpu_on_this_machine_is_the_one_jax_runs_on():
+    """tests/conftest.py defaults JAX_PLATFORMS to cpu; on a GPU machine the suite must lift that
+    (bench/device_suite.sh does), or every test below would skip and prove nothing."""
+    if NVIDIA_HERE:
+        assert GPU, f"an NVIDIA GPU is here but jax runs on {jax.default_backend()} " + (
+            f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')!r})"
+        )
+
 
 CASES = [  # b, t, heads, head_dim, rotary_dim, packed documents
     (1, 2048, 4, 128, 64, 0),  # Polyglot-Ko 1.3B's heads, one document
@@ -27,6 +40,7 @@ CASES = [  # b, t, heads, head_dim, rotary_dim, packed documents
 ]
 
 
+@on_gpu
 @pytest.mark.parametrize("b,t,h,d,rot,docs", CASES)
 @pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
 def test_native_kernels_match_the_float64_reference(backend, b, t, h, d, rot, docs):
@@ -38,6 +52,7 @@ def test_native_kernels_match_the_float64_reference(backend, b, t, h, d, rot, do
     )  # fmt: skip
 
 
+@on_gpu
 def test_native_float32_matches_the_float64_reference():
     run_case(
         b=1, t=2048, h=2, d=128, rot=64, causal=True, docs=2, dtype=jnp.float32, tiling=None,
