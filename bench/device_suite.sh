@@ -2,11 +2,11 @@
 # The GPU questions of issue #18 in one command, within ~8 minutes on one H100/H200:
 #   1. device      what jax and torch see (device.json)
 #   2. kernels     tests/kernels/test_on_device.py natively on the GPU (kernels.xml)
-#   3. attention   bench/attention.py at seq 2048: pallas, pallas_hopper (each also with fused
-#                  RoPE), cudnn, xla; fwd and fwd+bwd TFLOP/s, head_dim 128 and 256 (attention.json)
-#   4. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
+#   3. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
 #                  first one also times transformers + torch AdamW in the same process
-#                  (train_step_1_3b_IMPL.json; the other impls run after generate)
+#                  (train_step_1_3b_IMPL.json; the other impls run last)
+#   4. attention   bench/attention.py at seq 2048: pallas, pallas_hopper (each also with fused
+#                  RoPE), cudnn, xla; fwd and fwd+bwd TFLOP/s, head_dim 128 and 256 (attention.json)
 #   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
 # Each step runs under its own time limit and is recorded in OUT/summary.json (status, seconds,
 # command, log) whatever the others do; logs in OUT/logs/. Exit status: 0 when every step passed
@@ -21,7 +21,10 @@
 # come back: run(command='bash bench/device_suite.sh "$OUT/suite"', carry=["bench/wheels"]).
 # They are installed into a temporary directory put first on PYTHONPATH (the image's own
 # packages stay as they are).
-# Environment: IMPLS (attention_impls for train_step), TRAIN_BATCH (1.3B batch size, default 8).
+# Environment: IMPLS (attention_impls for train_step, default "cudnn pallas_hopper pallas xla"),
+# TRAIN_BATCH (the 1.3B batch, default 8), SUITE_BUDGET_S (below), STEPS (run only these steps,
+# e.g. STEPS="device kernels train_step"; the rest are recorded as skipped). With the device
+# tool's 15 minutes in all, one call with the default budget, or two with STEPS split, fits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rehearse=0
@@ -74,6 +77,12 @@ deadline=$((SECONDS + budget))
 step() {
     local name=$1 limit=$2
     shift 2
+    local base=$name
+    case $name in train_step_*) base=train_step ;; esac
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $base "* ]]; then
+        skip "$name" "not in STEPS ($STEPS)"
+        return
+    fi
     local left=$((deadline - SECONDS))
     if [ $left -lt 30 ]; then
         skip "$name" "the suite's ${budget} s budget was spent" "not run"
@@ -129,47 +138,45 @@ EOF
 # point. test_on_device.py fails, rather than skips, when a GPU is present but jax runs on CPU.
 platforms=cpu
 [ $rehearse = 1 ] || platforms=${JAX_PLATFORMS:-cuda,cpu}
-step kernels 150 env JAX_PLATFORMS="$platforms" $py -m pytest -q -p no:cacheprovider \
+step kernels 180 env JAX_PLATFORMS="$platforms" $py -m pytest -q -p no:cacheprovider \
     tests/kernels/test_on_device.py -rs --junitxml="$out/kernels.xml"
 
-impls=${IMPLS:-cudnn pallas_hopper pallas xla}
+# One sequence of steps for both modes; only the sizes differ, so the rehearsal runs the GPU's
+# own commands and logic.
 if [ $rehearse = 1 ]; then
-    # CPU: interpret-mode kernels (one per family), the tiny config, the tiny generate model.
-    step attention 240 $py bench/attention.py --smoke --impls pallas xla --out="$out/attention.json"
-    torch_flag=--torch
-    for impl in xla; do
-        step "train_step_$impl" 240 $py bench/train_step.py --config=configs/tiny.py \
-            --config.model.attention_impl=$impl --remat_policies=none --steps=1 --rounds=1 \
-            $torch_flag --torch_compile=false --out="$out/train_step_tiny_$impl.json"
-        torch_flag=--notorch
-    done
-    if [ $torch_here = 1 ]; then
-        step generate 240 $py bench/generate.py --size=tiny --batches 1 --new-tokens 4 \
-            --repeats 1 --out="$out/generate.json"
-    else
-        skip generate "torch/transformers not importable here (the bench compares with them)"
-    fi
+    # CPU: the tiny config, interpret-mode kernels (one per family), the tiny generate model.
+    impls=${IMPLS:-xla pallas}
+    tag=tiny
+    train=(--config=configs/tiny.py --remat_policies=none --steps=1 --rounds=1 --torch_compile=false)
+    attention=(--smoke --impls pallas xla)
+    generate=(--size=tiny --batches 1 --new-tokens 4 --repeats 1)
 else
+    impls=${IMPLS:-cudnn pallas_hopper pallas xla}
+    tag=1_3b
+    train=(--config=configs/polyglot_ko_1_3b.py --config.train.batch_size="${TRAIN_BATCH:-8}"
+        --config.train.grad_accum=1 --remat_policies= --steps=3 --rounds=2)
     # The kernels the goals are about, with and without fused RoPE, and the two references
     # (each a compile per head_dim and mode; every variant would not fit the budget).
-    step attention 200 $py bench/attention.py --seqs 2048 --impls pallas pallas+rope \
-        pallas_hopper pallas_hopper+rope cudnn xla --out="$out/attention.json"
-    train_step() {  # IMPL TORCH_FLAG
-        step "train_step_$1" 240 $py bench/train_step.py --config=configs/polyglot_ko_1_3b.py \
-            --config.model.attention_impl="$1" --config.train.batch_size="${TRAIN_BATCH:-8}" \
-            --config.train.grad_accum=1 --remat_policies= --steps=3 --rounds=2 "$2" \
-            --out="$out/train_step_1_3b_$1.json"
-    }
-    # By priority, so that a spent budget drops the least needed: transformers once, beside the
-    # first implementation; generation; then the other implementations.
-    first=${impls%% *}
-    train_step "$first" --torch
-    step generate 200 $py bench/generate.py --size=1.3b --dtype=bfloat16 --device=cuda \
-        --batches 1 16 --out="$out/generate.json"
-    for impl in ${impls#"$first"}; do
-        train_step "$impl" --notorch
-    done
+    attention=(--seqs 2048 --impls pallas pallas+rope pallas_hopper pallas_hopper+rope cudnn xla)
+    generate=(--size=1.3b --dtype=bfloat16 --device=cuda --batches 1 16)
 fi
+train_step() { # IMPL TORCH_FLAG
+    step "train_step_$1" 240 $py bench/train_step.py "${train[@]}" \
+        --config.model.attention_impl="$1" "$2" --out="$out/train_step_${tag}_$1.json"
+}
+# By priority, so that a spent budget drops the least needed: the step beside transformers (once,
+# with the first implementation); attention; generation; the other implementations.
+first=${impls%% *}
+train_step "$first" --torch
+step attention 180 $py bench/attention.py "${attention[@]}" --out="$out/attention.json"
+if [ $torch_here = 1 ]; then
+    step generate 200 $py bench/generate.py "${generate[@]}" --out="$out/generate.json"
+else
+    skip generate "torch/transformers not importable here (the bench compares with them)"
+fi
+for impl in ${impls#"$first"}; do
+    train_step "$impl" --notorch
+done
 
 $py - "$out" "$rehearse" <<'EOF'
 import json, pathlib, sys

@@ -37,7 +37,9 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert done.returncode == 0, done.stdout + done.stderr + logs
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["device", "kernels", "attention", "train_step_xla", "generate"]
+    assert list(steps) == [
+        "device", "kernels", "train_step_xla", "attention", "generate", "train_step_pallas"
+    ]  # fmt: skip
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -65,6 +67,8 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert int(suite.get("errors")) == 0 and int(suite.get("failures")) == 0
     assert "needs a GPU" in (out / "logs" / "kernels.log").read_text()
 
+    pallas = json.loads((out / "train_step_tiny_pallas.json").read_text())
+    assert pallas["model"]["attention_impl"] == "pallas" and pallas["torch_step_time_s"] is None
     step = json.loads((out / "train_step_tiny_xla.json").read_text())
     assert step["platform"] == "cpu" and step["model"]["attention_impl"] == "xla"
     assert step["versions"]["jax"] and step["step_time_s"] > 0
