@@ -4,7 +4,7 @@
 # Both create .venv on first use and pin every package to constraints.txt.
 #
 # The newer line: PYTHON=python3.12 make test (jax 0.12) uses .venv-py312 and constraints-py312.txt;
-# .ci/run runs both lines' whole suites at once; make test-py312 is a quick version-sensitive subset.
+# make test-py312 runs the version-sensitive subset there (what .ci/run runs beside the 3.11 suite).
 
 PYTHON ?= python3.11
 
@@ -28,11 +28,12 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CON
 
 # make test-py312: the tests that differ most between the jax lines (Pallas kernels, the model and
 # its FLOPs, the loss, generation, checkpoints, sharding, the watchdog's threads, the device
-# report): a few minutes of the whole 3.12 suite's 21 (measured on 2 cores, 2026-12-03), for a
-# quick check while working. The whole 3.12 suite is PYTHON=python3.12 make test (CI runs it).
+# report, the GPU suite's rehearsal): a few minutes of the whole 3.12 suite's 21 (measured on 2
+# cores, 2026-12-03), so that CI stays under its limit. The whole 3.12 suite is
+# PYTHON=python3.12 make test.
 PY312_TESTS := tests/kernels tests/test_model.py tests/test_flops.py tests/test_generate.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_optimizer.py tests/test_loss.py \
-	tests/test_watchdog.py \
+	tests/test_watchdog.py tests/test_device_suite.py \
 	tests/cli/test_info.py::test_show_devices_names_the_backend_platform_version_and_every_device
 
 .PHONY: demo test test-py312 lint format install clean-venv check-python bench-wheels
