@@ -79,3 +79,26 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert {r["impl"] for r in attention["attention"]} == {"pallas", "xla"}
     if torch_here:
         assert json.loads((out / "generate.json").read_text())["batches"]
+
+
+def test_only_torch_compile_failures_fall_back_to_eager():
+    """bench/train_step.py times eager torch when torch.compile fails, but an error of anything
+    else (our shapes, memory) must propagate: told apart by where it was raised."""
+    probe = (
+        "import sys; sys.argv = ['train_step']; sys.path.insert(0, 'bench')\n"
+        "import train_step\n"
+        "def raised(filename, error):\n"
+        "    try:\n"
+        "        exec(compile(f'raise {error}', filename, 'exec'))\n"
+        "    except Exception as e:\n"
+        "        return train_step._raised_by_torch_compile(e)\n"
+        "print(raised('/site-packages/torch/_inductor/codegen.py', 'AssertionError()'),\n"
+        "      raised('/site-packages/torch/_dynamo/eval_frame.py', 'RuntimeError()'),\n"
+        "      raised('/site-packages/torch/nn/functional.py', 'RuntimeError()'),\n"
+        "      raised('/repo/bench/train_step.py', 'AssertionError()'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "False", "False"]

@@ -91,6 +91,13 @@ def pack(
     return calls
 
 
+def trunk_length(row) -> int:
+    """A row's context through its last token: the position that predicts the continuation's
+    first token (a row is `(inputs, outputs, continuation length)`)."""
+    inputs, _, cont = row
+    return len(inputs) - cont + 1
+
+
 def share_contexts(rows, window: int) -> list[list[int]]:
     """Groups of `Scorer.requests_to_rows`' rows (indices; groups in order of first appearance)
     whose inputs start with the same trunk: the context up to its last token, the position that
@@ -100,7 +107,7 @@ def share_contexts(rows, window: int) -> list[list[int]]:
     groups: list[list[int]] = []
     lengths: list[int] = []
     for i, (inputs, _, cont) in enumerate(rows):
-        trunk = len(inputs) - cont + 1
+        trunk = trunk_length(rows[i])
         key = tuple(inputs[:trunk])
         g = open_group.get(key)
         if g is None or lengths[g] + cont - 1 > window:
@@ -114,8 +121,7 @@ def share_contexts(rows, window: int) -> list[list[int]]:
 
 def group_length(rows, group: Sequence[int]) -> int:
     """Tokens a group of rows takes laid as a prefix tree: its trunk once, then each rest."""
-    inputs, _, cont = rows[group[0]]
-    trunk = len(inputs) - cont + 1
+    trunk = trunk_length(rows[group[0]])
     return trunk + sum(len(rows[i][0]) - trunk for i in group)
 
 
@@ -180,7 +186,7 @@ class Scorer:
         self.mesh, self.rules, self.row_sharding, self.row_multiple = row_placement(mesh, rules)
         self.batch_tokens = batch_tokens
         self.pack_len = 0 if cfg.attention_impl == "cudnn" else pack_len
-        self.share_contexts = share_contexts and self.pack_len > 0 and cfg.attention_impl == "xla"
+        self.shares_contexts = share_contexts and self.pack_len > 0 and cfg.attention_impl == "xla"
 
     def requests_to_rows(self, requests) -> list[tuple[list[int], list[int], int]]:
         """(inputs, targets, continuation length) of each request, checked and left-truncated."""
@@ -208,7 +214,7 @@ class Scorer:
 
     def groups(self, rows) -> list[list[int]]:
         """The rows laid together as one prefix tree (`share_contexts`), else one per group."""
-        if self.share_contexts:
+        if self.shares_contexts:
             return share_contexts(rows, self.cfg.max_len)
         return [[i] for i in range(len(rows))]
 
@@ -266,8 +272,8 @@ class Scorer:
             projected, picked = at[block], pick[block]
             col = 0
             for s, group in enumerate(row, start=1):
-                inputs, _, cont = group[0]
-                trunk = len(inputs) - cont + 1
+                inputs = group[0][0]
+                trunk = trunk_length(group[0])
                 tokens[r, col : col + trunk] = inputs[:trunk]
                 positions[r, col : col + trunk] = np.arange(trunk)
                 segments[r, col : col + trunk] = (s, 0)
@@ -290,7 +296,7 @@ class Scorer:
         arrays = {
             "tokens": tokens,
             "positions": positions,
-            "segments": segments if self.share_contexts else segments[..., 0],
+            "segments": segments if self.shares_contexts else segments[..., 0],
             "at": np.zeros((self.row_multiple, span), np.int32),
             "pick": np.zeros((self.row_multiple, picks), np.int32),
             "targets": np.zeros((self.row_multiple, picks), np.int32),

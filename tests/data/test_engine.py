@@ -359,6 +359,8 @@ def test_records_restrict_and_read_match_numpy(tmp_path):
         last = 5000 if hi >= 2**64 else np.searchsorted(rows["hi"], np.uint64(hi))
         np.testing.assert_array_equal(part.read(), rows[first:last])
         np.testing.assert_array_equal(part.read(3, 10), rows[first + 3 : first + 10])
+    with pytest.raises(ValueError, match="a=-1"):  # would read the row before the range
+        records.restrict("hi", *key_range(3, 7)).read(-1)
     data = (tmp_path / "r.npy").read_bytes()
     (tmp_path / "short.npy").write_bytes(data[:-24])
     with pytest.raises(InputError, match="short.npy: shorter than its header says"):

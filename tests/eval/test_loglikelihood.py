@@ -171,7 +171,7 @@ def test_sharded_equals_one_device(model):
     rules = rules_from_config(mesh_cfg.rules)
     cfg_s, params_s, _ = load_from_hf(model[0], mesh=mesh, rules=rules)
     scorer = Scorer(params_s, cfg_s, mesh=mesh, rules=rules, batch_tokens=64)
-    assert scorer.row_multiple == 4 and scorer.share_contexts  # the premise
+    assert scorer.row_multiple == 4 and scorer.shares_contexts  # the premise
     sharded = scorer.loglikelihood(requests)
     np.testing.assert_allclose([s[0] for s in sharded], [o[0] for o in one], atol=1e-4)
     assert [s[1] for s in sharded] == [o[1] for o in one]

@@ -73,6 +73,8 @@ class Records:
 
     def read(self, a: int = 0, b: int | None = None) -> np.ndarray:
         """Rows [a, b) of this range (b defaults to its end), as a new array."""
+        if a < 0:  # no negative indexing: it would read rows before this range
+            raise ValueError(f"Records.read: a={a} < 0")
         b = len(self) if b is None else min(b, len(self))
         out = np.empty(max(b - a, 0), self.dtype)
         if len(out):
