@@ -10,7 +10,11 @@ Each case runs `python -m polyglot_jax SUB ...` in a subprocess and asserts:
 
 The fixtures (a raw jsonl, two tokenizers, token shards, a two-step run, its HF export) are built
 once per module through the CLI too. The cases run two at a time (the machine has 2 cores); each
-parametrized test checks one case's recorded result.
+parametrized test checks one case's recorded result. The first case of each subcommand and those
+with a file-size limit run as fresh subprocesses; the others are forked from a server that has
+already imported jax, flax, transformers... (`forked_cli.py`: the same `python -m polyglot_jax`
+from the fork on, a second per case cheaper; it refuses to serve if those imports printed
+anything, which a fresh process would show).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import itertools
 import json
 import os
 import pathlib
+import queue
 import re
 import shutil
 import stat
@@ -558,7 +563,14 @@ class Result:
     leftovers: list[str]  # paths outside the case directory that should not exist
 
 
-def _run_case(case: Case, fx: dict[str, pathlib.Path], tmp: pathlib.Path) -> Result:
+def _run_case(
+    case: Case,
+    fx: dict[str, pathlib.Path],
+    tmp: pathlib.Path,
+    servers: queue.Queue[ForkServer] | None = None,
+    io_dir: pathlib.Path | None = None,
+) -> Result:
+    """Runs one case (through one of `servers`, else as a subprocess) and records it."""
     tmp.mkdir(parents=True)
     if case.setup is not None:
         case.setup(tmp, fx)
@@ -567,13 +579,25 @@ def _run_case(case: Case, fx: dict[str, pathlib.Path], tmp: pathlib.Path) -> Res
     before = tree(tmp)
     shared_before = {k: tree(fx[k]) for k in shared}
     command = _cli(case.sub, *args, fsize=case.fsize)
-    try:
-        done = subprocess.run(
-            command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
-        )
-        code, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, out, err = -999, str(e.stdout or ""), f"timed out after {TIMEOUT} s\n{e.stderr or ''}"
+    if servers is None:
+        try:
+            done = subprocess.run(
+                command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+            )
+            code, out, err = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired as e:
+            code, out, err = (
+                -999,
+                str(e.stdout or ""),
+                f"timed out after {TIMEOUT} s\n{e.stderr or ''}",
+            )
+    else:
+        server = servers.get()
+        try:
+            code, out, err = server.run([case.sub, *args], io_dir / case.id)
+        finally:
+            servers.put(server)
+        command = ["(forked)", *command]
     after = tree(tmp)
     shared_diff = [f"{k}: {d}" for k in shared for d in _tree_diff(shared_before[k], tree(fx[k]))]
     leftovers = []
@@ -610,13 +634,67 @@ def _may_appear(rel: str, allowed: tuple[str, ...]) -> bool:
     return inside and not any(t in rel for t in TEMPORARY)
 
 
+class ForkServer:
+    """A `forked_cli.py` process: `run(argv, io)` is `python -m polyglot_jax *argv` in REPO."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, str(pathlib.Path(__file__).with_name("forked_cli.py"))],
+            cwd=REPO, env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        ready = json.loads(self.process.stdout.readline() or "{}")
+        if not ready.get("ready") or ready["preload_stderr"]:
+            self.close()
+            pytest.fail(f"the fork server cannot stand in for fresh processes: {ready}")
+
+    def run(self, argv: list[str], io: pathlib.Path) -> tuple[int, str, str]:
+        out, err = io.with_suffix(".stdout"), io.with_suffix(".stderr")
+        request = {"argv": argv, "cwd": str(REPO), "stdout": str(out), "stderr": str(err),
+                   "timeout": TIMEOUT}  # fmt: skip
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        code = json.loads(self.process.stdout.readline())["code"]
+        err_text = err.read_text(errors="replace")
+        if code == -999:
+            err_text = f"timed out after {TIMEOUT} s\n{err_text}"
+        return code, out.read_text(errors="replace"), err_text
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _fresh(cases: list[Case]) -> set[str]:
+    """The cases run as fresh subprocesses: each subcommand's first, and file-size limits (the
+    limit would apply to the server's output files too)."""
+    first = {}
+    for c in cases:
+        first.setdefault(c.sub, c.id)
+    return set(first.values()) | {c.id for c in cases if c.fsize is not None}
+
+
 @pytest.fixture(scope="module")
 def results(request, fx, tmp_path_factory) -> dict[str, Result]:
     cases = _selected_cases(request)
     root = tmp_path_factory.mktemp("cases")
-    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        futures = {c.id: pool.submit(_run_case, c, fx, root / c.id) for c in cases}
-        return {i: f.result() for i, f in futures.items()}
+    io_dir = tmp_path_factory.mktemp("case_io")
+    fresh = _fresh(cases)
+    servers: queue.Queue[ForkServer] = queue.Queue()
+    if len(fresh) < len(cases):
+        for _ in range(WORKERS):
+            servers.put(ForkServer())
+    try:
+        with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+            futures = {
+                c.id: pool.submit(
+                    _run_case, c, fx, root / c.id, None if c.id in fresh else servers, io_dir
+                )
+                for c in cases
+            }
+            return {i: f.result() for i, f in futures.items()}
+    finally:
+        while not servers.empty():
+            servers.get().close()
 
 
 def problems(case: Case, r: Result) -> list[str]:
