@@ -415,11 +415,32 @@ time.sleep(600)
 """
 
 
+_DEFAULT_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _start_and_signal(tmp_path, code: str, sig: str, to_group: bool):
     """Starts run.sh with 2 processes of _ON_SIGNAL in a session of its own, sends SIG to run.sh
     (or to its whole process group, as a Ctrl-C on a terminal does) once both are ready."""
+    # A shell cannot trap a signal ignored when it started, and a background job of a
+    # non-interactive shell (CI's `make test &`) starts with SIGINT ignored: give run.sh the
+    # default, as a terminal would.
+    as_on_a_terminal = [sys.executable, "-c", _DEFAULT_SIGINT_THEN_EXEC]
     p = subprocess.Popen(
-        [str(RUN_SH), "-n", "2", "--", sys.executable, "-c", _ON_SIGNAL, str(tmp_path), code],
+        [
+            *as_on_a_terminal,
+            str(RUN_SH),
+            "-n",
+            "2",
+            "--",
+            sys.executable,
+            "-c",
+            _ON_SIGNAL,
+            str(tmp_path),
+            code,
+        ],  # fmt: skip
         env=_clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
