@@ -4,7 +4,7 @@
 # Both create .venv on first use and pin every package to constraints.txt.
 #
 # The newer line: PYTHON=python3.12 make test (jax 0.12) uses .venv-py312 and constraints-py312.txt;
-# make test-py312 runs the version-sensitive subset there (what .ci/run runs beside the 3.11 suite).
+# make test-py312 runs its version-sensitive subset (a quick check; .ci/run runs both whole suites).
 
 PYTHON ?= python3.11
 
@@ -29,8 +29,8 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CON
 # make test-py312: the tests that differ most between the jax lines (Pallas kernels, the model and
 # its FLOPs, the loss, generation, checkpoints, sharding, the watchdog's threads, the device
 # report, the GPU suite's rehearsal): a few minutes of the whole 3.12 suite's 21 (measured on 2
-# cores, 2026-12-03), so that CI stays under its limit. The whole 3.12 suite is
-# PYTHON=python3.12 make test.
+# cores, 2026-12-03), for a quick look after a version bump. The whole 3.12 suite (what .ci/run
+# runs beside the 3.11 one) is PYTHON=python3.12 make test.
 PY312_TESTS := tests/kernels tests/test_model.py tests/test_flops.py tests/test_generate.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_optimizer.py tests/test_loss.py \
 	tests/test_watchdog.py tests/test_device_suite.py \
