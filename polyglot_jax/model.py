@@ -316,6 +316,8 @@ class GPTNeoX(nn.Module):
             ("vocab", "embed"),
             cfg,
         )
+        # Gathered as FSDP gathers kernels (sharded rows: SPMD replicates the cotangent, data x fsdp)
+        embed = nn.with_logical_constraint(embed, ("vocab", None))
         x = jnp.take(embed, tokens, axis=0).astype(dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

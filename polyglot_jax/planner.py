@@ -28,10 +28,8 @@ gradient inside the scan):
 
   data, fsdp  the parameters an axis shards are all-gathered (param_dtype: XLA gathers the float32
               master weights, then casts) for the forward and again for the backward, except the
-              output projection (gathered once, for the loss) and the input embedding (never
-              gathered: over fsdp, which shards its d_model, each device looks its slice up for
-              the whole batch and an all-to-all reshards the result, left out here; its gradient
-              stays local); their float32 gradients are reduce-scattered, the output
+              output projection (gathered once, for the loss) and the input embedding
+              (gathered once, for its lookup); their float32 gradients are reduce-scattered, the output
               projection's once per loss chunk (inside the loss's scan); the gradients of the
               parameters an axis replicates are all-reduced over it (data: all of them, once
               per microbatch; the loss sums the output projection's per data shard over the

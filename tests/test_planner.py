@@ -225,17 +225,17 @@ def test_links_inside_and_across_nodes():
     assert data_bandwidth(data=8, fsdp=32) == pytest.approx(25e9)
     # fsdp over all 256: 8 NICs per node (200 GB/s), below NVLink's 300. Per microbatch, the
     # float32 parameters fsdp shards are gathered twice (forward, backward) and their gradients
-    # reduce-scattered, except: the input embedding is never gathered nor its gradient reduced
-    # (each device looks up its d_model slice); the output projection is gathered once (for the
-    # loss, which forms its gradient in the forward) and its gradient reduce-scattered once per
-    # loss chunk (2048 / 512 = 4). The QKV and MLP-up biases fsdp does not shard get their
-    # gradients all-reduced (twice the bytes' time).
+    # reduce-scattered, except: the input embedding is gathered once (for its lookup; the
+    # backward only scatter-adds into its gradient) and its gradient reduce-scattered once; the
+    # output projection is gathered once (for the loss, which forms its gradient in the forward)
+    # and its gradient reduce-scattered once per loss chunk (2048 / 512 = 4). The QKV and MLP-up
+    # biases fsdp does not shard get their gradients all-reduced (twice the bytes' time).
     cand = planner.evaluate(_mesh(fsdp=256), "full", grad_accum=4)
     biases = 24 * (3 * 2048 + 8192) * 4
     embed_in = embed_out = 30080 * 2048 * 4
     rest = count_params(ModelConfig.from_config(config.model)) * 4 - biases - embed_in - embed_out
-    gathered = 2 * rest + embed_out
-    reduced = rest + 4 * embed_out
+    gathered = 2 * rest + embed_out + embed_in
+    reduced = rest + 4 * embed_out + embed_in
     expected = 4 * (gathered + reduced + 2 * biases) * 255 / 256 / 200e9
     assert cand.comm_s["fsdp"] == pytest.approx(expected)
 

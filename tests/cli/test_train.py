@@ -135,3 +135,22 @@ def test_a_rerun_compiles_nothing_new(shards, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == entries
     assert not (tmp_path / "b" / "xla_cache").exists()
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)], ids=["data2-fsdp4", "data2-fsdp2-model2"])
+def test_sharded_step_replicates_no_activation(shards, tmp_path, mesh):
+    """On meshes with both data and fsdp, XLA's SPMD partitioner once fell back to replicating a
+    [batch, length, embed] cotangent on every device (the embedding lookup's gradient, resharded
+    from batch to embed); it says so on stderr ("Involuntary full rematerialization"). The
+    step is compiled here, not loaded from a cache, so the partitioner runs."""
+    data, fsdp, model = mesh
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    flags = [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
+             f"--config.mesh.model={model}", "--config.train.compilation_cache_dir=off"]  # fmt: skip
+    done = subprocess.run(
+        [*_command(shards, tmp_path / "run", steps=1), *flags],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Involuntary full rematerialization" not in done.stderr, done.stderr[-3000:]
