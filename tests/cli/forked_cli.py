@@ -33,32 +33,22 @@ PRELOAD = (
 
 
 def _preload() -> str:
-    """Imports PRELOAD; returns what that printed on stderr."""
+    """Imports PRELOAD; returns what that printed on stderr (fd 2, C++ libraries included)."""
     import importlib
+    import tempfile
 
-    read, write = os.pipe()
     saved = os.dup(2)
-    os.dup2(write, 2)
-    os.close(write)
-    try:
-        for name in PRELOAD:
-            importlib.import_module(name)
-        sys.stderr.flush()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    os.set_blocking(read, False)
-    chunks = []
-    while True:
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
         try:
-            chunk = os.read(read, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read)
-    return b"".join(chunks).decode(errors="replace")
+            for name in PRELOAD:
+                importlib.import_module(name)
+            sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return captured.read().decode(errors="replace")
 
 
 def _serve() -> dict:

@@ -653,7 +653,9 @@ class ForkServer:
                    "timeout": TIMEOUT}  # fmt: skip
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        code = json.loads(self.process.stdout.readline())["code"]
+        answer = self.process.stdout.readline()
+        assert answer, f"the fork server died (exit {self.process.poll()}) running {argv}"
+        code = json.loads(answer)["code"]
         err_text = err.read_text(errors="replace")
         if code == -999:
             err_text = f"timed out after {TIMEOUT} s\n{err_text}"
