@@ -267,10 +267,13 @@ class PreemptionGuard:
 
 def use_compilation_cache(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
     """Points XLA's persistent compilation cache at `setting` ('' = $JAX_COMPILATION_CACHE_DIR or
-    WORKDIR/xla_cache; 'off' = none) and caches every program, however quickly it compiled (so a
-    rerun compiles nothing). Returns the directory. The cache is set up by the first compile of a
-    process: later calls in the same process keep the first directory."""
+    WORKDIR/xla_cache; 'off' = none, even with $JAX_COMPILATION_CACHE_DIR set) and caches every
+    program, however quickly it compiled (so a rerun compiles nothing). Returns the directory.
+    JAX decides at a process's first compile whether and where it caches: later calls in the same
+    process keep what the first one chose."""
     if setting == "off":
+        # jax reads $JAX_COMPILATION_CACHE_DIR itself: only this switch turns it off.
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     import os
 

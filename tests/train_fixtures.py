@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from polyglot_jax.config import load_config
@@ -32,8 +33,9 @@ def tiny_config(shards: pathlib.Path, **overrides):
     c.data.shards = (str(shards),)
     c.data.shuffle_buffer = 64
     c.data.prefetch = 0
-    # In-process runs: the first would point the whole test session's compiles at its workdir.
-    c.train.compilation_cache_dir = "off"
+    # In-process runs share the test session's cache (conftest.py), when it has one: the first
+    # run's choice holds for the whole process, and the default would be the run's workdir.
+    c.train.compilation_cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "off"
     for key, value in overrides.items():
         section, field = key.split("__")
         c[section][field] = value

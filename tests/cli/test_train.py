@@ -142,9 +142,10 @@ def test_sharded_step_replicates_no_activation(shards, tmp_path, mesh):
     """On meshes with both data and fsdp, XLA's SPMD partitioner once fell back to replicating a
     [batch, length, embed] cotangent on every device (the embedding lookup's gradient, resharded
     from batch to embed); it says so on stderr ("Involuntary full rematerialization"). The
-    step is compiled here, not loaded from a cache, so the partitioner runs."""
+    step is compiled here, not loaded from a cache, so the partitioner runs: `off` turns the
+    cache off although $JAX_COMPILATION_CACHE_DIR names one (nothing is written there)."""
     data, fsdp, model = mesh
-    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {**_env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "env_cache")}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     flags = [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
              f"--config.mesh.model={model}", "--config.train.compilation_cache_dir=off"]  # fmt: skip
@@ -154,3 +155,5 @@ def test_sharded_step_replicates_no_activation(shards, tmp_path, mesh):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Involuntary full rematerialization" not in done.stderr, done.stderr[-3000:]
+    cached = list((tmp_path / "env_cache").glob("*"))
+    assert not cached, f"compilation_cache_dir=off still cached {len(cached)} programs"
