@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compilation_cache_dir = ""
     c.train.spike_threshold = 0.5  # warn when the loss rises 50% above its running average...
     c.train.drop_threshold = 0.2  # ...or falls 20% below it
-    c.train.spike_halflife = 50  # steps; the running average's half-life
+    c.train.spike_halflife = 50  # steps: the average's half-life; this many calm ones end a warning
 
     # Tokenized shards and how batches are built; every key is documented in data/pipeline.py.
     c.data = default_data_config()

@@ -74,6 +74,11 @@ class MetricsWriter:
 class LossWatch:
     """Warns when the loss jumps above or falls below its exponential moving average.
 
+    One warning per episode: a loss beyond a threshold (a fast fall on repeated data lasts many
+    steps, in and out of the band as the loss is noisy) is reported at its first step; the
+    episode ends, with one info line, once the loss stayed within both thresholds for `halflife`
+    steps, and a new one warns again.
+
     Args:
       spike: relative rise that counts as a spike (0.5: 50% above the average).
       drop: relative fall that counts as a sudden drop (0.2: 20% below the average).
@@ -86,21 +91,41 @@ class LossWatch:
         self.warmup = halflife
         self.average: float | None = None
         self.seen = 0
+        # While an episode lasts: ("spike" | "drop", its first step).
+        self.episode: tuple[str, int] | None = None
+        self.calm_since: int | None = None  # first of the episode's latest steps within the band
 
     def update(self, step: int, loss: float, epoch: float | None) -> str | None:
-        """Feeds one loss; returns (and logs) a warning message, or None."""
+        """Feeds one loss; returns (and logs) the warning when an episode starts, else None."""
         message = None
+        kind = None
         where = f"step {step}" + (f", epoch {epoch:.3f}" if epoch is not None else "")
         if self.average is not None and self.seen >= self.warmup:
             if loss > self.average * (1 + self.spike):
+                kind = "spike"
                 message = f"loss spike at {where}: {loss:.4f} vs running average {self.average:.4f}"
             elif loss < self.average * (1 - self.drop):
+                kind = "drop"
                 message = (
                     f"sudden loss drop at {where}: {loss:.4f} vs running average {self.average:.4f} "
                     "(the report's models broke after such a drop at the epoch boundary)"
                 )
-        if message:
-            logging.warning(message)
+        if kind is not None:
+            self.calm_since = None
+            if self.episode is not None and self.episode[0] == kind:
+                message = None  # this episode has warned already
+            else:
+                self.episode = (kind, step)
+                logging.warning(message)
+        elif self.episode is not None:
+            self.calm_since = self.calm_since or step
+            if step - self.calm_since + 1 >= self.warmup:
+                kind, began = self.episode
+                logging.info(
+                    "loss %s of step %d over: within the thresholds since step %d",
+                    kind, began, self.calm_since,
+                )  # fmt: skip
+                self.episode = self.calm_since = None
         self.average = (
             loss if self.average is None else self.decay * self.average + (1 - self.decay) * loss
         )

@@ -73,3 +73,47 @@ def test_within_thresholds_is_quiet(loss):
     watch = LossWatch(spike=0.5, drop=0.2, halflife=10)
     _feed(watch, [4.0] * 30)
     assert watch.update(31, loss, epoch=None) is None
+
+
+def _first_back_within(losses, start, drop, halflife):
+    """Step (1-based) at which losses[start:] first lies within `drop` of a float64 EMA of
+    everything before it (the average a drop is measured against)."""
+    decay = 0.5 ** (1.0 / halflife)
+    average = np.float64(losses[0])
+    for index, loss in enumerate(losses[1:], 1):
+        if index >= start and loss >= average * (1 - drop):
+            return index + 1
+        average = decay * average + (1 - decay) * loss
+    raise AssertionError("never back within the band")
+
+
+def test_a_lasting_drop_warns_once_and_a_new_one_warns_again(caplog):
+    """A loss that falls to a new level stays below the lagging average for many steps: one
+    warning at its first step, one info line once it stayed within the band for `halflife`
+    steps, then a second drop is a new episode with its own warning."""
+    losses = [4.0] * 30 + [2.5] * 40 + [1.5] * 10
+    back = _first_back_within(losses, 30, drop=0.2, halflife=10)
+    assert 32 < back <= 70 - 10  # the first drop lasts several steps, ends before the second
+    watch = LossWatch(spike=0.5, drop=0.2, halflife=10)
+    with caplog.at_level("INFO", logger="absl"):
+        messages = _feed(watch, losses)
+    warned = [step for step, m in enumerate(messages, 1) if m]
+    assert warned == [31, 71]
+    assert messages[30].startswith("sudden loss drop at step 31")
+    assert f"loss drop of step 31 over: within the thresholds since step {back}" in caplog.text
+
+
+def test_a_noisy_drop_in_and_out_of_the_band_is_one_episode():
+    """A falling, noisy loss dips below the band every few steps: no new warning until it stayed
+    within the band for `halflife` steps."""
+    watch = LossWatch(spike=0.5, drop=0.2, halflife=10)
+    dips = [4.0] * 30 + [2.9, 3.9, 3.9, 3.9, 3.9, 3.9] * 4 + [4.0] * 40
+    messages = _feed(watch, dips + [2.0])
+    assert [step for step, m in enumerate(messages, 1) if m] == [31, len(dips) + 1]
+
+
+def test_a_spike_of_several_steps_is_one_warning():
+    watch = LossWatch(spike=0.5, drop=0.2, halflife=10)
+    messages = _feed(watch, [4.0] * 30 + [9.0] * 3 + [4.0] * 20 + [9.0])
+    assert [step for step, m in enumerate(messages, 1) if m] == [31, 54]
+    assert all(messages[s - 1].startswith("loss spike") for s in (31, 54))
