@@ -87,9 +87,9 @@ clean-venv:
 	rm -rf $(VENV)
 
 # bench/wheels: the Python 3.12 wheels the GPU machine's image lacks (bench/device_suite.sh
-# installs them there into its output directory; the device tool carries this directory).
+# installs them there into a temporary directory; the device tool carries this directory).
 # Versions from constraints-py312.txt; downloaded here, where PyPI is reachable.
-BENCH_WHEELS := grain array_record ml_collections cloudpickle portpicker pytest pluggy iniconfig pygments
+BENCH_WHEELS := grain array_record ml_collections zstandard cloudpickle portpicker pytest pluggy iniconfig pygments
 
 bench-wheels: check-python $(VENV)/.installed
 	rm -rf bench/wheels

@@ -14,7 +14,12 @@
 #
 #   bash bench/device_suite.sh [OUT]              # default OUT: bench/results/device-<UTC stamp>
 #   bash bench/device_suite.sh --rehearse [OUT]   # CPU: the same steps at tiny sizes (CI runs it)
+#   bash bench/device_suite.sh --pack DEST        # on the device tool: DEST gets 2 files
 #
+# --pack: the suite writes into a temporary OUT and, after every step, puts summary.json and
+# suite.tar.gz (OUT whole) into DEST (bench/suite_record.py): the device tool brings back at most
+# 8 files, and a suite killed between steps still leaves what it finished there. Locally:
+# tar xzf FILES_AT/suite.tar.gz -C bench/results/device-<stamp>.
 # The GPU image has jax, flax, optax, orbax, torch and transformers but not grain, array_record,
 # ml-collections or pytest: `make bench-wheels` puts their Python 3.12 wheels in bench/wheels/
 # (ignored by git), which the device tool must carry, writing under its $OUT so that the results
@@ -28,17 +33,33 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rehearse=0
-if [ "${1:-}" = "--rehearse" ]; then
-    rehearse=1
+pack=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --rehearse) rehearse=1 ;;
+    --pack)
+        [ $# -ge 2 ] || { echo "device_suite: --pack needs a directory" >&2; exit 2; }
+        pack=$2
+        shift
+        ;;
+    -*) echo "device_suite: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+    esac
     shift
+done
+if [ -n "$pack" ]; then
+    [ $# -eq 0 ] || { echo "device_suite: --pack DEST takes no OUT" >&2; exit 2; }
+    mkdir -p "$pack" && pack=$(cd "$pack" && pwd)
+    out=$(mktemp -d)/suite
+else
+    out=${1:-bench/results/device-$(date -u +%Y%m%d-%H%M%S)}
 fi
-out=${1:-bench/results/device-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
 : >"$out/steps.jsonl"
 
-needed="grain array_record ml_collections pytest absl jax flax optax orbax.checkpoint"
+needed="grain array_record ml_collections zstandard pytest absl jax flax optax orbax.checkpoint"
 missing=$($py - $needed <<'EOF'
 import importlib.util, sys
 print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
@@ -68,6 +89,11 @@ path, name, reason, status = sys.argv[1:]
 with open(path, "a") as f:
     f.write(json.dumps({"step": name, "status": status, "reason": reason}) + "\n")
 EOF
+    record
+}
+# record [--final]: summary.json (and, with --pack, DEST's two files) as the steps so far left them.
+record() {
+    $py bench/suite_record.py "$out" "$rehearse" ${pack:+--pack "$pack"} "$@"
 }
 # step NAME LIMIT_S COMMAND...: runs it, logs it, records it; never stops the suite. A step gets
 # at most what is left of the suite's budget (SUITE_BUDGET_S, default 540: the device tool allows
@@ -105,6 +131,7 @@ with open(path, "a") as f:
                         "limit_s": int(limit), "command": command,
                         "log": f"logs/{name}.log"}) + "\n")
 EOF
+    record
 }
 
 torch_here=1
@@ -178,16 +205,4 @@ for impl in ${impls#"$first"}; do
     train_step "$impl" --notorch
 done
 
-$py - "$out" "$rehearse" <<'EOF'
-import json, pathlib, sys
-out, rehearse = pathlib.Path(sys.argv[1]), sys.argv[2] == "1"
-steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-device = json.loads((out / "device.json").read_text()) if (out / "device.json").exists() else {}
-summary = {"rehearsal": rehearse, "device": device, "steps": steps,
-           "results": sorted(p.name for p in out.glob("*.json") if p.name != "summary.json"),
-           "passed": all(s["status"] in ("passed", "skipped") for s in steps)}
-(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(f"device_suite: {sum(s['status'] == 'passed' for s in steps)}/{len(steps)} steps passed; "
-      f"{out / 'summary.json'}")
-sys.exit(0 if summary["passed"] else 1)
-EOF
+record --final

@@ -4,18 +4,41 @@ machine would run them, so that nothing fails there for a reason a CPU could hav
 The packages that machine's image lacks and the suite does not carry in bench/wheels are made
 unimportable (`sys.modules[name] = None` from a sitecustomize: `import` fails and
 `importlib.util.find_spec` says absent), so a GPU path that imported seqio, datatrove, lm_eval
-or sklearn fails here. Every step must pass and write its record with the device and versions.
+or tensorboardX fails here. Every step must pass and write its record with the device and versions.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import tarfile
 import xml.etree.ElementTree as ET
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ABSENT_ON_THE_GPU_IMAGE = ("seqio", "tensorflow", "datatrove", "lm_eval", "sklearn")
+# What our environment has and that image does not (the device library's KINDS.md package list,
+# 2026-11-17), less what the suite carries (Makefile's BENCH_WHEELS: grain, array_record,
+# ml_collections, zstandard, pytest).
+ABSENT_ON_THE_GPU_IMAGE = (
+    "seqio", "tensorflow", "datatrove", "lm_eval", "tensorboardX", "konlpy", "mecab",
+    "datasketch", "datasets", "nltk", "rouge_score", "pydantic",
+)  # fmt: skip
+
+
+def _within_the_device_tools_limits(dest: pathlib.Path) -> None:
+    """What the device tool brings back from $OUT: at most 8 files, 16 MiB each and 64 MiB in
+    all, at most 2 folders down, named in letters, digits, '.', '_' and '-'."""
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    assert len(files) <= 8, sorted(p.name for p in files)
+    assert all(p.stat().st_size <= 16 << 20 for p in files)
+    assert sum(p.stat().st_size for p in files) <= 64 << 20
+    for path in files:
+        parts = path.relative_to(dest).parts
+        assert len(parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", x) for x in parts), path
 
 
 def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tmp_path):
@@ -24,13 +47,19 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     (blocker / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{n!r}] = None\n" for n in ABSENT_ON_THE_GPU_IMAGE)
     )
-    out = tmp_path / "suite"
+    dest, out = tmp_path / "OUT", tmp_path / "suite"
     env = {**os.environ, "PYTHONPATH": str(blocker), "PYTHON": sys.executable}
     env.pop("XLA_FLAGS", None)  # one CPU device, as the suite's own processes would see
     done = subprocess.run(
-        ["bash", "bench/device_suite.sh", "--rehearse", str(out)],
+        ["bash", "bench/device_suite.sh", "--rehearse", "--pack", str(dest)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
+    # As the device tool runs it: everything comes back, in two files.
+    _within_the_device_tools_limits(dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["suite.tar.gz", "summary.json"]
+    with tarfile.open(dest / "suite.tar.gz") as tar:
+        tar.extractall(out, filter="data")
+    assert (out / "summary.json").read_text() == (dest / "summary.json").read_text()
     logs = "".join(
         f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((out / "logs").glob("*.log"))
     )
@@ -52,10 +81,13 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert all(steps[k]["status"] == "skipped" and steps[k]["reason"] for k in skipped)
     assert summary["rehearsal"] is True and summary["passed"] is True
     assert summary["device"]["backend"] == "cpu" and summary["device"]["jax"]
+    assert all((out / s["log"]).is_file() for s in steps.values() if "log" in s)
+    assert all((out / name).is_file() for name in summary["results"])
+    assert done.stdout.rstrip().endswith(f"steps passed; {dest / 'suite.tar.gz'}")
 
     # The blocker worked: the suite's processes could not import what the GPU image lacks.
     probe = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('sklearn'))"],
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('lm_eval'))"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert probe.stdout.strip() == "None", probe.stdout + probe.stderr
@@ -102,3 +134,46 @@ def test_only_torch_compile_failures_fall_back_to_eager():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "False", "False"]
+
+
+@pytest.fixture
+def suite_record():
+    spec = importlib.util.spec_from_file_location("suite_record", REPO / "bench/suite_record.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pack_keeps_a_long_logs_tail_and_every_other_byte(tmp_path, suite_record):
+    out = tmp_path / "suite"
+    (out / "logs").mkdir(parents=True)
+    long_log = b"".join(b"line %07d\n" % i for i in range(200_000))  # 2.4 MB
+    (out / "logs" / "train_step_xla.log").write_bytes(long_log)
+    (out / "attention.json").write_text('{"attention": []}')
+    (out / "big.json").write_bytes(b"7" * (2 << 20))  # results are never cut
+    suite_record.pack(out, tmp_path)
+    with tarfile.open(tmp_path / "suite.tar.gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert set(members) == {"logs/train_step_xla.log", "attention.json", "big.json"}
+    assert members["big.json"] == b"7" * (2 << 20)
+    kept = members["logs/train_step_xla.log"]
+    cut = len(long_log) - suite_record.LOG_TAIL
+    head, tail = kept.split(b"\n", 1)
+    assert head == b"[suite_record: the first %d bytes of this log were left out of the pack]" % cut
+    assert tail == long_log[cut:] and tail.endswith(b"line 0199999\n")
+
+
+def test_a_pack_over_the_limit_leaves_the_previous_one(tmp_path, suite_record, monkeypatch):
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "steps.jsonl").write_text(json.dumps({"step": "device", "status": "passed"}) + "\n")
+    assert suite_record.main([str(out), "0", "--pack", str(tmp_path / "dest")]) == 0
+    before = (tmp_path / "dest" / "suite.tar.gz").read_bytes()
+    (out / "noise.json").write_bytes(os.urandom(64 << 10))  # incompressible
+    monkeypatch.setattr(suite_record, "PACK_LIMIT", 32 << 10)
+    assert suite_record.main([str(out), "0", "--pack", str(tmp_path / "dest"), "--final"]) == 0
+    assert (tmp_path / "dest" / "suite.tar.gz").read_bytes() == before
+    summary = json.loads((tmp_path / "dest" / "summary.json").read_text())
+    assert summary["passed"] and summary["results"] == ["noise.json"]  # the summary is current
+    (out / "steps.jsonl").write_text(json.dumps({"step": "x", "status": "failed (exit 1)"}))
+    assert suite_record.main([str(out), "0", "--final"]) == 1

@@ -1,0 +1,91 @@
+"""The device suite's record: `summary.json` from its `steps.jsonl`, and, packed, all of it in two
+files.
+
+    python bench/suite_record.py OUT REHEARSE [--pack DEST] [--final]
+
+The device tool brings back at most 8 files (16 MiB each, 64 MiB in all) from its output folder,
+and the suite writes some twenty (a log per step, a JSON per result): with `--pack DEST`, DEST
+gets `summary.json` and `suite.tar.gz` (OUT whole, logs over `LOG_TAIL` bytes cut to their last
+`LOG_TAIL`), each replaced atomically, so a suite killed between two steps still leaves every
+finished step's record there. The suite calls this after every step. `--final` exits 1 unless
+every step passed or was skipped for a stated reason.
+
+Unpack with `tar xzf DEST/suite.tar.gz -C bench/results/device-<stamp>`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import sys
+import tarfile
+
+LOG_TAIL = 1 << 20  # bytes of a log kept in the pack (a step's failure is at its end)
+PACK_LIMIT = 15 << 20  # under the tool's 16 MiB a file
+MARKER = b"[suite_record: the first %d bytes of this log were left out of the pack]\n"
+
+
+def summarize(out: pathlib.Path, rehearse: bool) -> dict:
+    """summary.json's content: the device, every step's record, the result files, passed."""
+    lines = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
+    steps = [json.loads(line) for line in lines if line.strip()]
+    device_json = out / "device.json"
+    device = json.loads(device_json.read_text()) if device_json.exists() else {}
+    return {
+        "rehearsal": rehearse,
+        "device": device,
+        "steps": steps,
+        "results": sorted(p.name for p in out.glob("*.json") if p.name != "summary.json"),
+        "passed": all(s["status"] in ("passed", "skipped") for s in steps),
+    }
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def pack(out: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    """OUT as DEST/suite.tar.gz (paths relative to OUT; `*.log` over LOG_TAIL bytes keep their
+    tail after a marker line). Raises ValueError when even so it would pass PACK_LIMIT."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if path.suffix == ".log" and len(data) > LOG_TAIL:
+                data = MARKER % (len(data) - LOG_TAIL) + data[-LOG_TAIL:]
+            info = tarfile.TarInfo(str(path.relative_to(out)))
+            info.size, info.mtime, info.mode = len(data), int(path.stat().st_mtime), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    if buffer.tell() > PACK_LIMIT:
+        raise ValueError(f"the packed suite is {buffer.tell()} bytes, over {PACK_LIMIT}")
+    target = dest / "suite.tar.gz"
+    _write_atomically(target, buffer.getvalue())
+    return target
+
+
+def main(argv: list[str]) -> int:
+    out, rehearse = pathlib.Path(argv[0]), argv[1] == "1"
+    dest = pathlib.Path(argv[argv.index("--pack") + 1]) if "--pack" in argv else None
+    summary = summarize(out, rehearse)
+    text = (json.dumps(summary, indent=1) + "\n").encode()
+    _write_atomically(out / "summary.json", text)
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        _write_atomically(dest / "summary.json", text)
+        try:
+            pack(out, dest)
+        except ValueError as e:  # the summary is there; say why the rest is not
+            print(f"device_suite: {e}: {dest / 'suite.tar.gz'} not updated", file=sys.stderr)
+    if "--final" not in argv:
+        return 0
+    passed = sum(s["status"] == "passed" for s in summary["steps"])
+    where = dest / "suite.tar.gz" if dest is not None else out / "summary.json"
+    print(f"device_suite: {passed}/{len(summary['steps'])} steps passed; {where}")
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
