@@ -4,7 +4,9 @@
 #   2. kernels     tests/kernels/test_on_device.py natively on the GPU (kernels.xml)
 #   3. train_step  bench/train_step.py, Polyglot-Ko 1.3B at seq 2048, per attention_impl; the
 #                  first one also times transformers + torch AdamW in the same process
-#                  (train_step_1_3b_IMPL.json; the other impls run last)
+#                  (train_step_1_3b_IMPL.json; the other impls run last); then 2 steps under
+#                  jax.profiler: its `profile` says where the device time went (busy, idle,
+#                  by kernel category, the longest kernels), traces/ keeps the Perfetto trace
 #   4. attention   bench/attention.py at seq 2048: pallas, pallas_hopper (each also with fused
 #                  RoPE), cudnn, xla; fwd and fwd+bwd TFLOP/s, head_dim 128 and 256 (attention.json)
 #   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
@@ -189,7 +191,8 @@ else
 fi
 train_step() { # IMPL TORCH_FLAG
     step "train_step_$1" 240 $py bench/train_step.py "${train[@]}" \
-        --config.model.attention_impl="$1" "$2" --out="$out/train_step_${tag}_$1.json"
+        --config.model.attention_impl="$1" "$2" --out="$out/train_step_${tag}_$1.json" \
+        --profile_steps=2 --trace_out="$out/traces/train_step_${tag}_$1.trace.json.gz"
 }
 # By priority, so that a spent budget drops the least needed: the step beside transformers (once,
 # with the first implementation); attention; generation; the other implementations.

@@ -6,8 +6,8 @@ files.
 The device tool brings back at most 8 files (16 MiB each, 64 MiB in all) from its output folder,
 and the suite writes some twenty (a log per step, a JSON per result): with `--pack DEST`, DEST
 gets `summary.json` and `suite.tar.gz` (OUT whole, logs over `LOG_TAIL` bytes cut to their last
-`LOG_TAIL`), each replaced atomically, so a suite killed between two steps still leaves every
-finished step's record there. The suite calls this after every step. `--final` exits 1 unless
+`LOG_TAIL`; profiler traces left out, largest first, if it would pass `PACK_LIMIT`), each replaced
+atomically, so a suite killed between two steps still leaves every finished step's record there. The suite calls this after every step. `--final` exits 1 unless
 every step passed or was skipped for a stated reason.
 
 Unpack with `tar xzf DEST/suite.tar.gz -C bench/results/device-<stamp>`.
@@ -47,22 +47,44 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def pack(out: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
-    """OUT as DEST/suite.tar.gz (paths relative to OUT; `*.log` over LOG_TAIL bytes keep their
-    tail after a marker line). Raises ValueError when even so it would pass PACK_LIMIT."""
+def _tar(out: pathlib.Path, files: list[pathlib.Path], left_out: list[str]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+
+        def add(name: str, data: bytes, mtime: float) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+        for path in files:
             data = path.read_bytes()
             if path.suffix == ".log" and len(data) > LOG_TAIL:
                 data = MARKER % (len(data) - LOG_TAIL) + data[-LOG_TAIL:]
-            info = tarfile.TarInfo(str(path.relative_to(out)))
-            info.size, info.mtime, info.mode = len(data), int(path.stat().st_mtime), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    if buffer.tell() > PACK_LIMIT:
-        raise ValueError(f"the packed suite is {buffer.tell()} bytes, over {PACK_LIMIT}")
+            add(str(path.relative_to(out)), data, path.stat().st_mtime)
+        if left_out:
+            add("left_out.txt", "".join(f"{x}\n" for x in left_out).encode(), 0)
+    return buffer.getvalue()
+
+
+def pack(out: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    """OUT as DEST/suite.tar.gz (paths relative to OUT; `*.log` over LOG_TAIL bytes keep their
+    tail after a marker line). Over PACK_LIMIT, profiler traces (`*.trace.json.gz`) are left out,
+    largest first, and named in `left_out.txt`; raises ValueError when even that is not enough."""
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    traces = sorted(
+        (p for p in files if p.name.endswith(".trace.json.gz")), key=lambda p: -p.stat().st_size
+    )
+    left_out: list[str] = []
+    data = _tar(out, files, left_out)
+    while len(data) > PACK_LIMIT and traces:
+        dropped = traces.pop(0)
+        files.remove(dropped)
+        left_out.append(f"{dropped.relative_to(out)} ({dropped.stat().st_size} bytes)")
+        data = _tar(out, files, left_out)
+    if len(data) > PACK_LIMIT:
+        raise ValueError(f"the packed suite is {len(data)} bytes, over {PACK_LIMIT}")
     target = dest / "suite.tar.gz"
-    _write_atomically(target, buffer.getvalue())
+    _write_atomically(target, data)
     return target
 
 

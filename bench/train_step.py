@@ -71,6 +71,13 @@ _TORCH_COMPILE = flags.DEFINE_boolean(
     "torch_compile", None, "torch.compile transformers' model (default: on a GPU)."
 )
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+    "profile_steps", 0, "After timing, trace this many of our steps (jax.profiler): `profile`."
+)
+_TRACE_OUT = flags.DEFINE_string(
+    "trace_out", None, "Keep that Perfetto trace (.json.gz) here, when under 6 MiB."
+)
+TRACE_KEEP_LIMIT = 6 << 20  # the device suite packs 4 of them under the device tool's 16 MiB
 
 SHAPES = {
     "neox56m": {
@@ -243,6 +250,36 @@ def matmul_peak(dtype: str = "bfloat16") -> dict:
     return {"dtype": dtype, "n": n, "flop_per_s": 2 * n**3 / best}
 
 
+def trace_steps(ours: OurStep, count: int, keep: str | None) -> dict:
+    """`count` more of our steps under `jax.profiler.trace` (a Perfetto trace), summarized by
+    bench/trace_summary.py: device busy and idle time, time by kernel category, the longest
+    kernels. `keep`: where to copy the trace (left out, saying why, over TRACE_KEEP_LIMIT)."""
+    import shutil
+    import tempfile
+
+    from trace_summary import load_events, summarize
+
+    cpu_s = list(ours.cpu_s)  # traced steps are slower: not part of the timing
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(count):
+                ours.step()
+        ours.cpu_s = cpu_s
+        trace = next(pathlib.Path(tmp).rglob("perfetto_trace.json.gz"), None)
+        if trace is None:
+            return {"steps": count, "error": "jax.profiler wrote no perfetto_trace.json.gz"}
+        result = {"steps": count, "trace_bytes": trace.stat().st_size}
+        result.update(summarize(load_events(trace)))
+        if keep and trace.stat().st_size <= TRACE_KEEP_LIMIT:
+            pathlib.Path(keep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trace, keep)
+            result["trace"] = pathlib.Path(keep).name
+        elif keep:
+            result["trace"] = None
+            result["trace_not_kept"] = f"{trace.stat().st_size} bytes, over {TRACE_KEEP_LIMIT}"
+    return result
+
+
 def compiled_costs(config, policies) -> dict:
     """Per remat policy: the compiled step's FLOPs beside the model's (see the docstring)."""
     import dataclasses
@@ -334,6 +371,9 @@ def main(argv):
         print({k: [round(x, 3) for x in v] for k, v in times.items()}, flush=True)
     load_after = _load()
     step_s = statistics.median(times["ours"])
+    profile = (
+        trace_steps(ours, _PROFILE_STEPS.value, _TRACE_OUT.value) if _PROFILE_STEPS.value else None
+    )
     torch_s = statistics.median(times["torch"]) if theirs is not None else None
 
     costs = compiled_costs(config, _REMAT.value) if _REMAT.value else {}
@@ -389,6 +429,7 @@ def main(argv):
         "loss": float(ours.metrics["loss"]),
         "torch_loss": theirs.loss if theirs else None,
         "skipped": skipped,  # what this run could not do here, and why
+        "profile": profile,  # --profile_steps: where the device time of traced steps went
         "compiled": costs,
     }  # fmt: skip
     print(json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ unimportable (`sys.modules[name] = None` from a sitecustomize: `import` fails an
 or tensorboardX fails here. Every step must pass and write its record with the device and versions.
 """
 
+import gzip
 import importlib.util
 import json
 import os
@@ -107,6 +108,12 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert step["matmul_peak"]["flop_per_s"] > 0 and step["mfu_of_measured_matmul_peak"] > 0
     # transformers ran beside ours, or the record says why not (the 3.12 line has no torch)
     assert step["torch_step_time_s"] or "torch" in step["skipped"]
+    # The traced steps: on CPU no device track, which the summary says; the trace is packed.
+    assert step["profile"]["steps"] == 2 and step["profile"]["devices"] == {}
+    assert "no device" in step["profile"]["note"] and step["profile"]["host"]["dispatches"] >= 2
+    assert (out / "traces" / step["profile"]["trace"]).stat().st_size == step["profile"][
+        "trace_bytes"
+    ]
     attention = json.loads((out / "attention.json").read_text())
     assert {r["impl"] for r in attention["attention"]} == {"pallas", "xla"}
     if torch_here:
@@ -136,12 +143,16 @@ def test_only_torch_compile_failures_fall_back_to_eager():
     assert done.stdout.split() == ["True", "True", "False", "False"]
 
 
-@pytest.fixture
-def suite_record():
-    spec = importlib.util.spec_from_file_location("suite_record", REPO / "bench/suite_record.py")
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def suite_record():
+    return _bench_module("suite_record")
 
 
 def test_the_pack_keeps_a_long_logs_tail_and_every_other_byte(tmp_path, suite_record):
@@ -177,3 +188,94 @@ def test_a_pack_over_the_limit_leaves_the_previous_one(tmp_path, suite_record, m
     assert summary["passed"] and summary["results"] == ["noise.json"]  # the summary is current
     (out / "steps.jsonl").write_text(json.dumps({"step": "x", "status": "failed (exit 1)"}))
     assert suite_record.main([str(out), "0", "--final"]) == 1
+
+
+def test_a_pack_over_the_limit_leaves_out_traces_first(tmp_path, suite_record, monkeypatch):
+    out = tmp_path / "suite"
+    (out / "traces").mkdir(parents=True)
+    (out / "train_step_x.json").write_text("{}")
+    (out / "traces" / "a.trace.json.gz").write_bytes(os.urandom(40 << 10))
+    (out / "traces" / "b.trace.json.gz").write_bytes(os.urandom(20 << 10))
+    monkeypatch.setattr(suite_record, "PACK_LIMIT", 50 << 10)
+    suite_record.pack(out, tmp_path)
+    with tarfile.open(tmp_path / "suite.tar.gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert set(members) == {"train_step_x.json", "traces/b.trace.json.gz", "left_out.txt"}
+    assert members["left_out.txt"] == f"traces/a.trace.json.gz ({40 << 10} bytes)\n".encode()
+
+
+def _gpu_like_trace(with_streams: bool) -> list[dict]:
+    """A device with two CUDA streams (or, without, an `XLA Ops` line) and a per-program line,
+    and a host dispatching twice. Times in microseconds."""
+    ops = ["Stream #13(Compute)", "Stream #20(Collectives)"] if with_streams else ["XLA Ops"] * 2
+
+    def meta(kind, pid, name, tid=0):
+        return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+
+    def op(name, tid, ts, dur, pid=1):
+        return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
+
+    return [
+        meta("process_name", 1, "/device:GPU:0"),
+        meta("thread_name", 1, ops[0], 10),
+        meta("thread_name", 1, ops[1], 11),
+        meta("thread_name", 1, "XLA Modules", 12),
+        meta("process_name", 2, "/host:CPU"),
+        meta("thread_name", 2, "python", 1),
+        op("sm90_xmma_gemm_bf16bf16_bf16f32", 10, 0, 100),
+        op("cudnn_generated_fort_native_sdpa_sm90_knob_7", 10, 100, 50),
+        op("loop_add_fusion", 10, 200, 10),
+        op("ncclDevKernel_AllReduce_Sum_f32", 11, 120, 70),  # overlaps the attention kernel
+        op("jit_train_step", 12, 0, 210),  # the whole program: not a kernel
+        op("PjitFunction(train_step)", 1, -30, 5, pid=2),
+        op("PjitFunction(train_step)", 1, 215, 7, pid=2),
+    ]
+
+
+@pytest.mark.parametrize("with_streams", [True, False], ids=["streams", "xla-ops-line"])
+def test_trace_summary_counts_overlapping_kernels_once(tmp_path, with_streams):
+    """Busy = the union of the kernel intervals [0, 190) and [200, 210) = 200 us of a 210 us span;
+    the per-program line would have covered the 10 us gap."""
+    summary_module = _bench_module("trace_summary")
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": _gpu_like_trace(with_streams)}, f)
+    summary = summary_module.summarize(summary_module.load_events(path), top=2)
+    device = summary["devices"]["/device:GPU:0"]
+    assert device["kernels"] == 4
+    assert device["busy_ms"] == pytest.approx(0.200) and device["span_ms"] == pytest.approx(0.210)
+    assert device["idle_ms"] == pytest.approx(0.010)
+    assert device["idle_fraction"] == pytest.approx(10 / 210)
+    want = {"matmul": 0.100, "attention": 0.050, "collective": 0.070, "fusion": 0.010}
+    assert device["by_category_ms"] == pytest.approx(want)
+    assert device["by_category_share"]["matmul"] == pytest.approx(100 / 230)
+    top = device["top_kernels"]
+    assert [k["category"] for k in top] == ["matmul", "collective"]
+    assert (
+        top[0]["count"] == 1
+        and top[0]["mean_us"] == 100
+        and top[1]["share"] == pytest.approx(70 / 230)
+    )
+    assert summary["host"] == {
+        "dispatches": 2,
+        "dispatch_ms": pytest.approx(0.012),
+        "threads": ["python"],
+    }
+    assert "note" not in summary
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("gemm_fusion_dot_123", "matmul"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+        ("input_reduce_fusion_4", "fusion"),
+        ("_dkdv_kernel", "attention"),
+        ("flash_attention_fwd", "attention"),
+        ("all-gather-start", "collective"),
+        ("memcpy32_post", "memory"),
+        ("custom_call_thing", "other"),
+    ],
+)
+def test_kernel_categories(name, want):
+    assert _bench_module("trace_summary").category(name) == want
