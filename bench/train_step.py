@@ -371,9 +371,6 @@ def main(argv):
         print({k: [round(x, 3) for x in v] for k, v in times.items()}, flush=True)
     load_after = _load()
     step_s = statistics.median(times["ours"])
-    profile = (
-        trace_steps(ours, _PROFILE_STEPS.value, _TRACE_OUT.value) if _PROFILE_STEPS.value else None
-    )
     torch_s = statistics.median(times["torch"]) if theirs is not None else None
 
     costs = compiled_costs(config, _REMAT.value) if _REMAT.value else {}
@@ -429,13 +426,28 @@ def main(argv):
         "loss": float(ours.metrics["loss"]),
         "torch_loss": theirs.loss if theirs else None,
         "skipped": skipped,  # what this run could not do here, and why
-        "profile": profile,  # --profile_steps: where the device time of traced steps went
+        "profile": None,  # --profile_steps: where the device time of traced steps went
         "compiled": costs,
     }  # fmt: skip
+    _write(result)
+    if _PROFILE_STEPS.value:
+        # Written first: a profiler that fails or hangs here (CUPTI in a sandbox) costs the trace,
+        # not the timing. An error is recorded, whatever it is: nothing but the trace depends on it.
+        try:
+            result["profile"] = trace_steps(ours, _PROFILE_STEPS.value, _TRACE_OUT.value)
+        except Exception as e:  # noqa: BLE001
+            result["profile"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        _write(result)
     print(json.dumps(result, indent=2))
+
+
+def _write(result: dict) -> None:
     if _OUT.value:
-        pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+        path = pathlib.Path(_OUT.value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(path)
 
 
 def _count(model_cfg) -> int:
