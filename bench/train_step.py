@@ -235,17 +235,18 @@ class TorchStep:
 def matmul_peak(dtype: str = "bfloat16") -> dict:
     """The device's measured dense matmul rate: jnp.dot of two square matrices (8192 on a GPU or
     TPU, 1024 on CPU) in `dtype`, best of 10 after a warm-up, in FLOP/s: the attainable peak
-    that MFU is also reported against (datasheet peaks are rarely reached)."""
+    that MFU is also reported against (datasheet peaks are rarely reached). Random normal
+    operands: constant ones or zeros toggle fewer bits and ran 13% faster on an H200 here."""
     import jax.numpy as jnp
 
     n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
+    a, b = jax.random.normal(jax.random.key(0), (2, n, n), dtype)
     dot = jax.jit(lambda a, b: a @ b)
-    dot(a, a).block_until_ready()
+    dot(a, b).block_until_ready()
     best = float("inf")
     for _ in range(10):
         start = time.perf_counter()
-        dot(a, a).block_until_ready()
+        dot(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return {"dtype": dtype, "n": n, "flop_per_s": 2 * n**3 / best}
 
