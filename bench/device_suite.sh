@@ -11,7 +11,8 @@
 #                  RoPE), cudnn, xla; fwd and fwd+bwd TFLOP/s, head_dim 128 and 256 (attention.json)
 #   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
 # Each step runs under its own time limit and is recorded in OUT/summary.json (status, seconds,
-# command, log) whatever the others do; logs in OUT/logs/. Exit status: 0 when every step passed
+# command, log) whatever the others do; logs in OUT/logs/. The summary also holds issue #18's
+# goals, met, missed or why unknown (bench/goals.py), and the last lines print them. Exit status: 0 when every step passed
 # (or was skipped for a stated reason: generate without torch).
 #
 #   bash bench/device_suite.sh [OUT]              # default OUT: bench/results/device-<UTC stamp>

@@ -15,6 +15,7 @@ Unpack with `tar xzf DEST/suite.tar.gz -C bench/results/device-<stamp>`.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import pathlib
@@ -26,8 +27,23 @@ PACK_LIMIT = 15 << 20  # under the tool's 16 MiB a file
 MARKER = b"[suite_record: the first %d bytes of this log were left out of the pack]\n"
 
 
+def _goals_module():
+    """bench/goals.py, loaded from beside this file (it runs as a script or in a test)."""
+    spec = importlib.util.spec_from_file_location(
+        "goals", pathlib.Path(__file__).with_name("goals.py")
+    )
+    goals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(goals)
+    return goals
+
+
+def _goals(out: pathlib.Path) -> list[dict]:
+    return _goals_module().evaluate(out)
+
+
 def summarize(out: pathlib.Path, rehearse: bool) -> dict:
-    """summary.json's content: the device, every step's record, the result files, passed."""
+    """summary.json's content: the device, every step's record, the result files, passed, and
+    issue #18's goals (bench/goals.py: met, missed, or why unknown)."""
     lines = (out / "steps.jsonl").read_text().splitlines() if (out / "steps.jsonl").exists() else []
     steps = [json.loads(line) for line in lines if line.strip()]
     device_json = out / "device.json"
@@ -38,6 +54,7 @@ def summarize(out: pathlib.Path, rehearse: bool) -> dict:
         "steps": steps,
         "results": sorted(p.name for p in out.glob("*.json") if p.name != "summary.json"),
         "passed": all(s["status"] in ("passed", "skipped") for s in steps),
+        "goals": _goals(out),
     }
 
 
@@ -103,6 +120,9 @@ def main(argv: list[str]) -> int:
             print(f"device_suite: {e}: {dest / 'suite.tar.gz'} not updated", file=sys.stderr)
     if "--final" not in argv:
         return 0
+    goals = _goals_module()
+    for goal in summary["goals"]:
+        print(f"device_suite: goal {goals.line(goal)}")
     passed = sum(s["status"] == "passed" for s in summary["steps"])
     where = dest / "suite.tar.gz" if dest is not None else out / "summary.json"
     print(f"device_suite: {passed}/{len(summary['steps'])} steps passed; {where}")

@@ -237,7 +237,6 @@ def matmul_peak(dtype: str = "bfloat16") -> dict:
     TPU, 1024 on CPU) in `dtype`, best of 10 after a warm-up, in FLOP/s: the attainable peak
     that MFU is also reported against (datasheet peaks are rarely reached). Random normal
     operands: constant ones or zeros toggle fewer bits and ran 13% faster on an H200 here."""
-    import jax.numpy as jnp
 
     n = 1024 if jax.default_backend() == "cpu" else 8192
     a, b = jax.random.normal(jax.random.key(0), (2, n, n), dtype)

@@ -81,6 +81,7 @@ def test_rehearsal_passes_every_step_without_the_packages_the_gpu_image_lacks(tm
     assert all(s["status"] == "passed" for k, s in steps.items() if k not in skipped), steps
     assert all(steps[k]["status"] == "skipped" and steps[k]["reason"] for k in skipped)
     assert summary["rehearsal"] is True and summary["passed"] is True
+    assert [g["met"] for g in summary["goals"]] == [None] * 4  # no GPU figures on a CPU
     assert summary["device"]["backend"] == "cpu" and summary["device"]["jax"]
     assert all((out / s["log"]).is_file() for s in steps.values() if "log" in s)
     assert all((out / name).is_file() for name in summary["results"])
@@ -279,3 +280,58 @@ def test_trace_summary_counts_overlapping_kernels_once(tmp_path, with_streams):
 )
 def test_kernel_categories(name, want):
     assert _bench_module("trace_summary").category(name) == want
+
+
+def _gpu_step(impl, step_s, mfu, torch_s=None):
+    return {
+        "platform": "gpu", "device": "NVIDIA H200", "model": {"attention_impl": impl},
+        "step_time_s": step_s, "tokens_per_s": 16384 / step_s, "mfu": mfu,
+        "torch_step_time_s": torch_s, "speed_ratio": torch_s / step_s if torch_s else None,
+        "torch_compiled": True if torch_s else None, "matmul_peak": {"flop_per_s": 780e12},
+    }  # fmt: skip
+
+
+def _row(impl, mode, tflops, seq=2048, head_dim=128):
+    return {"impl": impl, "mode": mode, "tflops": tflops, "seq": seq, "head_dim": head_dim,
+            "causal": True}  # fmt: skip
+
+
+def test_goals_are_read_off_the_best_implementation(tmp_path):
+    """The best implementation by tokens/s carries the MFU goal and, against the torch time of
+    the process that ran it, the transformers goal; only our kernels count for attention, at seq
+    2048 and head_dim 128 only."""
+    goals_module = _bench_module("goals")
+    records = {
+        "cudnn": _gpu_step("cudnn", 0.50, 0.51, torch_s=0.95),
+        "pallas_hopper": _gpu_step("pallas_hopper", 0.45, 0.566),
+        "xla": _gpu_step("xla", 0.80, 0.32),
+    }
+    for impl, record in records.items():
+        (tmp_path / f"train_step_1_3b_{impl}.json").write_text(json.dumps(record))
+    rows = [
+        _row("pallas", "fwd", 350.0), _row("pallas_hopper+rope", "fwd", 420.0),
+        _row("cudnn", "fwd", 600.0),  # not ours
+        _row("pallas_hopper", "fwd", 900.0, head_dim=256),  # another shape
+        _row("pallas_hopper", "fwd_bwd", 300.0), _row("cudnn", "fwd_bwd", 400.0),
+    ]  # fmt: skip
+    (tmp_path / "attention.json").write_text(json.dumps({"platform": "gpu", "attention": rows}))
+    mfu, torch, forward, backward = goals_module.evaluate(tmp_path)
+    assert (mfu["value"], mfu["met"], mfu["impl"]) == (0.566, True, "pallas_hopper")
+    assert torch["value"] == pytest.approx(0.95 / 0.45) and torch["met"] is True
+    assert torch["same_process_ratio"] == pytest.approx(1.9)
+    assert torch["same_process_impl"] == "cudnn"
+    assert (forward["value"], forward["met"], forward["impl"]) == (
+        420.0,
+        True,
+        "pallas_hopper+rope",
+    )
+    assert forward["share_of_measured_matmul_peak"] == pytest.approx(420 / 780)
+    assert backward["value"] == pytest.approx(0.75) and backward["met"] is False
+    assert goals_module.line(backward).startswith("MISSED  attention fwd+bwd vs cuDNN: 0.75")
+
+
+def test_goals_unknown_without_gpu_records_say_why(tmp_path):
+    goals_module = _bench_module("goals")
+    (tmp_path / "train_step_1_3b_xla.json").write_text(json.dumps({"platform": "cpu"}))
+    goals = goals_module.evaluate(tmp_path)
+    assert [g["met"] for g in goals] == [None] * 4 and all(g["why"] for g in goals)
