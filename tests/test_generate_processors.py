@@ -176,6 +176,27 @@ def test_processors_match_transformers_and_float64_reference(processed, top_k, t
         assert cuts > 20, cuts
 
 
+@pytest.mark.parametrize("top_p, kept", [(0.5, 1), (0.75, 2), (0.875, 4)])
+def test_top_p_where_the_mass_reaches_it_exactly(processed, top_p, kept):
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (and a token far below): the mass of the most probable
+    tokens reaches top_p exactly, which the random rows of the test above never do. HF keeps
+    the smallest set whose mass is >= top_p: 1 and 2 tokens. At 7/8 the cut falls between two
+    tokens of equal probability: both are kept (`_truncated` keeps ties at a threshold, as
+    top-k does), where HF keeps one of them, which one depending on its sort."""
+    import jax.numpy as jnp
+
+    logits = np.log(np.array([[1, 1, 2, 4, 1], [4, 2, 1, 1, 1]], np.float32))
+    logits[:, 4] = [-30.0, -np.inf]  # far below everything, and masked: never kept
+    seen = np.zeros_like(logits, bool)
+    s = Sampling(max_new_tokens=8, top_p=top_p)
+    got = np.asarray(processed(logits, seen, jnp.int32(0), Knobs.of(s)))
+    if kept < 4:
+        hf = hf_processed(logits, np.zeros((2, 1), np.int64), 1, s)
+        assert_same(got, hf, f"top_p={top_p} vs transformers")
+    assert np.isfinite(got).sum(-1).tolist() == [kept, kept]
+    assert np.all(np.isneginf(got[:, 4]))
+
+
 def test_greedy_ignores_the_warpers(processed):
     """Greedy: temperature, top-k and top-p change nothing (HF's greedy search skips them)."""
     import jax.numpy as jnp

@@ -64,9 +64,9 @@ def test_gradient_matches_unchunked():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def _reference_gradients(hidden, w, targets, mask, z_loss):
-    """d(ce_sum + z_loss * sum log(Z)^2) / d(hidden, w) in float64, written out by hand:
-    dlogits = mask * (softmax - onehot + 2 z_loss log(Z) softmax)."""
+def _reference_gradients(hidden, w, targets, mask, z_loss, ce_weight=1.0, z_weight=1.0):
+    """d(ce_weight * ce_sum + z_weight * z_loss * sum log(Z)^2) / d(hidden, w) in float64,
+    written out by hand: dlogits = mask * (a (softmax - onehot) + b 2 z_loss log(Z) softmax)."""
     h, w64 = hidden.astype(np.float64), w.astype(np.float64)
     logits = h @ w64
     m = logits.max(-1, keepdims=True)
@@ -74,7 +74,7 @@ def _reference_gradients(hidden, w, targets, mask, z_loss):
     p = e / e.sum(-1, keepdims=True)
     log_z = m + np.log(e.sum(-1, keepdims=True))
     onehot = np.eye(w.shape[1])[targets]
-    dlogits = mask[..., None] * (p - onehot + 2.0 * z_loss * log_z * p)
+    dlogits = mask[..., None] * (ce_weight * (p - onehot) + z_weight * 2.0 * z_loss * log_z * p)
     return dlogits @ w64.T, np.einsum("btd,btv->dv", h, dlogits)
 
 
@@ -103,6 +103,23 @@ def test_gradients_match_float64_reference(chunk, z_loss):
         jnp.asarray(hidden), jnp.asarray(w), jnp.asarray(targets), jnp.asarray(mask), chunk, z_loss
     )
     ref_dh, ref_dw = _reference_gradients(hidden, w, targets, mask, z_loss)
+    np.testing.assert_allclose(dh, ref_dh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.5, 3.0)])
+def test_each_term_has_its_own_gradient(weights):
+    """The two sums get their own cotangents: a loss that weighs them differently (or uses one
+    alone) has the gradient of that weighting, not of their plain sum."""
+    a, b = weights
+    hidden, w, targets, mask = _problem(5)
+
+    def weighted(h, w):
+        ce, zl, _ = chunked_cross_entropy(h, w, targets, mask, chunk=7, z_loss=0.1)
+        return a * ce + b * zl
+
+    dh, dw = jax.jit(jax.grad(weighted, (0, 1)))(jnp.asarray(hidden), jnp.asarray(w))
+    ref_dh, ref_dw = _reference_gradients(hidden, w, targets, mask, 0.1, a, b)
     np.testing.assert_allclose(dh, ref_dh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-4, atol=1e-5)
 

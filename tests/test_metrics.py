@@ -117,3 +117,22 @@ def test_a_spike_of_several_steps_is_one_warning():
     messages = _feed(watch, [4.0] * 30 + [9.0] * 3 + [4.0] * 20 + [9.0])
     assert [step for step, m in enumerate(messages, 1) if m] == [31, 54]
     assert all(messages[s - 1].startswith("loss spike") for s in (31, 54))
+
+
+def test_warnings_start_at_the_step_after_halflife_steps():
+    """`halflife` losses make the average: the next one may warn, not an earlier one."""
+    assert not any(_feed(LossWatch(spike=0.5, drop=0.2, halflife=3), [4.0, 4.0, 9.0]))
+    messages = _feed(LossWatch(spike=0.5, drop=0.2, halflife=3), [4.0, 4.0, 4.0, 9.0])
+    assert [step for step, m in enumerate(messages, 1) if m] == [4]
+
+
+def test_an_episode_ends_at_its_halflifeth_calm_step(caplog):
+    """halflife=3: a spike at step 11, calm steps 12-14 end it at step 14 (one info line then),
+    so the spike at step 15 is a new episode. The averages, by hand (decay 2^(-1/3)): 4.52 after
+    the spike, 4.26 before step 15, whose 6.5 is above 1.5 x 4.26 = 6.39."""
+    watch = LossWatch(spike=0.5, drop=0.2, halflife=3)
+    with caplog.at_level("INFO", logger="absl"):
+        first = _feed(watch, [4.0] * 10 + [6.5] + [4.0] * 3)
+        assert "loss spike of step 11 over: within the thresholds since step 12" in caplog.text
+        assert watch.update(15, 6.5, epoch=None) is not None
+    assert [step for step, m in enumerate(first, 1) if m] == [11]

@@ -39,6 +39,19 @@ def test_logits_match_transformers(case, scan_layers):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_non_default_eps_and_rope_base_match_transformers(scan_layers):
+    """Every LayerNorm reads `layer_norm_eps` and RoPE `rope_base` (the defaults, 1e-5 and
+    10000, would hide one that hard-codes them); a large eps changes the logits by ~1."""
+    cfg = _cfg("pct0.5", scan_layers=scan_layers, layer_norm_eps=0.3, rope_base=500.0)
+    hf = random_hf_model(cfg, seed=4)
+    assert hf.config.layer_norm_eps == 0.3
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 17))
+    params = from_hf_state_dict(hf_state_dict(hf), cfg)
+    ours = np.asarray(GPTNeoX(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
 def test_rotary_fraction_matters():
     """Guards the test itself: a wrong rotary_dim must break parity, so parity is not vacuous."""
     cfg = _cfg("pct0.25")
