@@ -150,6 +150,18 @@ def test_parameter_bytes_follow_the_rules():
     assert m.params == count_params(ModelConfig.from_config(config.model)) * 4
 
 
+def test_bfloat16_parameters_still_accumulate_float32_gradients():
+    """train.py accumulates gradients in float32 whatever param_dtype is: bf16 parameters halve
+    the parameter bytes, not the gradients'."""
+    mesh = _mesh(fsdp=8)
+    f32 = Planner(_small(), 8, "a100-80gb").memory(mesh, "full", grad_accum=1)
+    bf16 = Planner(_small(model__param_dtype="bfloat16"), 8, "a100-80gb").memory(
+        mesh, "full", grad_accum=1
+    )
+    assert bf16.params * 2 == pytest.approx(f32.params, rel=0.01)
+    assert bf16.gradients == f32.gradients
+
+
 def test_time_by_hand_data_parallel_across_two_nodes():
     """data:16 on two 8-GPU A100 nodes: the all-reduce rides 8 NICs per node (8 x 25 GB/s)."""
     config = _small()

@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from polyglot_jax.data.records import FORMAT, MANIFEST, decode_record, encode_record, read_manifest
+from polyglot_jax.data.records import (
+    FORMAT,
+    MANIFEST,
+    decode_record,
+    encode_record,
+    read_manifest,
+    token_dtype,
+)
 from polyglot_jax.data.tokenize import write_manifest, write_shard
 from polyglot_jax.errors import InputError
 
@@ -111,3 +118,9 @@ def test_reading_records_needs_no_tokenizer_machinery():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_token_dtype_is_uint16_exactly_while_every_id_fits():
+    """Ids run to vocab_size - 1: 65,536 ids fit uint16 (max 65,535), one more does not."""
+    assert token_dtype(65536) == np.dtype("<u2") and np.iinfo(np.uint16).max == 65536 - 1
+    assert token_dtype(65537) == np.dtype("<u4")

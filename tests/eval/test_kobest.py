@@ -137,3 +137,45 @@ def test_eval_kobest_cli_against_transformers(tmp_path, shared_data):
     gold = [d["label"] for d in docs]
     pred = [p["pred"] for p in predictions]
     assert report["results"]["copa"]["0"]["f1"] == pytest.approx(_macro_f1(gold, pred))
+
+
+def test_acc_norm_divides_by_characters_not_bytes():
+    """lm-eval's acc_norm: log-likelihood / len(choice) in characters. Korean characters are 3
+    UTF-8 bytes each, so a byte count would pick the other ending here (checked below)."""
+    t = kobest.TASKS["hellaswag"]
+    doc = {"context": "c", "ending_1": "가나", "ending_2": "abcdef", "ending_3": "z", "ending_4": "w",
+           "label": 1}  # fmt: skip
+    scores = [-3.0, -6.0, -100.0, -100.0]
+    choices = t.choices(doc)
+    by_chars = int(np.argmax([s / len(c) for s, c in zip(scores, choices, strict=True)]))
+    by_bytes = int(np.argmax([s / len(c.encode()) for s, c in zip(scores, choices, strict=True)]))
+    assert (by_chars, by_bytes) == (1, 0)  # the premise: the two counts disagree
+    out = kobest.score_task(t, [doc], [], 0, lambda s: [ord(c) for c in s], _fixed_scorer(scores))
+    assert out["metrics"]["acc_norm"] == 1.0 and out["metrics"]["acc"] == 0.0
+
+
+def test_macro_f1_of_imbalanced_classes_equals_sklearn():
+    """Macro, not weighted: with classes of unequal support the two differ."""
+    from sklearn.metrics import f1_score
+
+    t = kobest.TASKS["copa"]
+    golds = [0, 0, 0, 0, 0, 1, 1, 0]
+    preds = [0, 0, 0, 0, 1, 1, 0, 0]
+    docs = [{"premise": "p", "question": "원인", "alternative_1": "a", "alternative_2": "b",
+             "label": g} for g in golds]  # fmt: skip
+    scores = [x for p in preds for x in ((-1.0, -2.0) if p == 0 else (-2.0, -1.0))]
+    out = kobest.score_task(t, docs, [], 0, lambda s: [ord(c) for c in s], _fixed_scorer(scores))
+    assert [p["pred"] for p in out["predictions"]] == preds
+    macro, weighted = (f1_score(golds, preds, average=a) for a in ("macro", "weighted"))
+    assert abs(macro - weighted) > 0.05
+    assert out["metrics"]["f1"] == pytest.approx(macro)
+
+
+def test_encode_pair_splits_the_whole_encoding_as_the_harness():
+    """The continuation's ids are the tail of the whole text's encoding (lm-eval's _encode_pair),
+    not the continuation encoded alone: with a tokenizer that marks the start of every text
+    (a BOS id here) the two differ."""
+    encode = lambda s: [0] + [ord(c) for c in s]  # noqa: E731
+    context, continuation = kobest.encode_pair(encode, "답변:", " 예")
+    assert context == [0, ord("답"), ord("변"), ord(":")]
+    assert continuation == [ord(" "), ord("예")] != encode(" 예")
