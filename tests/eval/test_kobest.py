@@ -76,6 +76,22 @@ def test_fewshot_draw_and_layout_as_the_harness():
     assert len(set(got)) > 1  # the draws differ from document to document
 
 
+def test_fewshot_answers_are_the_examples_own():
+    """COPA's choices differ per document: each example block ends with that example's correct
+    alternative, not the test document's (BoolQ's fixed 예/아니오 would not tell them apart)."""
+    t = kobest.TASKS["copa"]
+    train = [{"premise": f"p{i}", "question": "원인", "alternative_1": f"a{i}",
+              "alternative_2": f"b{i}", "label": i % 2} for i in range(20)]  # fmt: skip
+    docs = [{"premise": "P", "question": "결과", "alternative_1": "X", "alternative_2": "Y",
+             "label": 0}] * 2  # fmt: skip
+    rnd = random.Random(1234)
+    for context in kobest.contexts(t, docs, train, 3):
+        blocks = context.split("\n\n")
+        for i, block in zip(rnd.sample(range(20), 3), blocks[:3], strict=True):
+            assert block == f"p{i}  왜냐하면 {[f'a{i}', f'b{i}'][i % 2]}"
+        assert blocks[3] == "P  그래서"
+
+
 def test_encode_pair_moves_trailing_spaces():
     encode = lambda s: [ord(c) for c in s]  # noqa: E731
     context, continuation = kobest.encode_pair(encode, "답변: ", " 예")
