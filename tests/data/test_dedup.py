@@ -128,3 +128,18 @@ def test_near_duplicate_index_rejects_bad_input():
         NearDuplicateIndex(0.0)
     with pytest.raises(ValueError, match="shape"):
         NearDuplicateIndex(0.8, 128).add(np.zeros(64, np.uint32))
+
+
+def test_a_near_duplicate_exactly_at_the_threshold_is_dropped():
+    """ "Estimated Jaccard >= threshold": two signatures equal but for the low bits of 8 of 128
+    values (every LSH band but the last identical, so they are compared) estimate
+    (120/128 - 1/256) / (1 - 1/256), the b-bit estimate; at exactly that threshold the second is
+    a duplicate, just above it it is kept."""
+    a = np.arange(128, dtype=np.uint32)
+    b = a.copy()
+    b[-8:] += 1
+    estimate = (120 / 128 - 1 / 256) / (1 - 1 / 256)
+    at = NearDuplicateIndex(estimate, 128)
+    assert at.add(a) and not at.add(b)
+    above = NearDuplicateIndex(float(np.nextafter(estimate, 1.0)), 128)
+    assert above.add(a) and above.add(b)
