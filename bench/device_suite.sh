@@ -12,8 +12,8 @@
 #   5. generate    bench/generate.py, 1.3B in bfloat16 against transformers on CUDA (generate.json)
 # Each step runs under its own time limit and is recorded in OUT/summary.json (status, seconds,
 # command, log) whatever the others do; logs in OUT/logs/. The summary also holds issue #18's
-# goals, met, missed or why unknown (bench/goals.py), and the last lines print them. Exit status: 0 when every step passed
-# (or was skipped for a stated reason: generate without torch).
+# goals, met, missed or why unknown (bench/goals.py), and the last lines print them. Exit status:
+# 0 when every step passed (or was skipped for a stated reason: generate without torch).
 #
 #   bash bench/device_suite.sh [OUT]              # default OUT: bench/results/device-<UTC stamp>
 #   bash bench/device_suite.sh --rehearse [OUT]   # CPU: the same steps at tiny sizes (CI runs it)
@@ -52,7 +52,8 @@ while [ $# -gt 0 ]; do
 done
 if [ -n "$pack" ]; then
     [ $# -eq 0 ] || { echo "device_suite: --pack DEST takes no OUT" >&2; exit 2; }
-    mkdir -p "$pack" && pack=$(cd "$pack" && pwd)
+    mkdir -p "$pack" 2>/dev/null && pack=$(cd "$pack" && pwd) ||
+        { echo "device_suite: --pack $pack is not a directory this can write" >&2; exit 2; }
     out=$(mktemp -d)/suite
 else
     out=${1:-bench/results/device-$(date -u +%Y%m%d-%H%M%S)}

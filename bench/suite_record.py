@@ -6,9 +6,10 @@ files.
 The device tool brings back at most 8 files (16 MiB each, 64 MiB in all) from its output folder,
 and the suite writes some twenty (a log per step, a JSON per result): with `--pack DEST`, DEST
 gets `summary.json` and `suite.tar.gz` (OUT whole, logs over `LOG_TAIL` bytes cut to their last
-`LOG_TAIL`; profiler traces left out, largest first, if it would pass `PACK_LIMIT`), each replaced
-atomically, so a suite killed between two steps still leaves every finished step's record there. The suite calls this after every step. `--final` exits 1 unless
-every step passed or was skipped for a stated reason.
+`LOG_TAIL`; profiler traces left out, largest first, if it would pass `PACK_LIMIT`), each
+replaced atomically, so a suite killed between two steps still leaves every finished step's
+record there. The suite calls this after every step. `--final` prints the goals and exits 1
+unless every step passed or was skipped for a stated reason.
 
 Unpack with `tar xzf DEST/suite.tar.gz -C bench/results/device-<stamp>`.
 """
@@ -27,18 +28,25 @@ PACK_LIMIT = 15 << 20  # under the tool's 16 MiB a file
 MARKER = b"[suite_record: the first %d bytes of this log were left out of the pack]\n"
 
 
-def _goals_module():
-    """bench/goals.py, loaded from beside this file (it runs as a script or in a test)."""
+def _sibling(name: str):
+    """bench/NAME.py, loaded from beside this file (this runs as a script or in a test)."""
     spec = importlib.util.spec_from_file_location(
-        "goals", pathlib.Path(__file__).with_name("goals.py")
+        name, pathlib.Path(__file__).with_name(f"{name}.py")
     )
-    goals = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(goals)
-    return goals
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+goals = _sibling("goals")
 
 
 def _goals(out: pathlib.Path) -> list[dict]:
-    return _goals_module().evaluate(out)
+    """The goals, or why they could not be read: the summary is written whatever the results."""
+    try:
+        return goals.evaluate(out)
+    except (KeyError, TypeError, ValueError) as e:  # a result record without a field it needs
+        return [{"error": f"bench/goals.py could not read the results: {type(e).__name__}: {e}"}]
 
 
 def summarize(out: pathlib.Path, rehearse: bool) -> dict:
@@ -120,9 +128,8 @@ def main(argv: list[str]) -> int:
             print(f"device_suite: {e}: {dest / 'suite.tar.gz'} not updated", file=sys.stderr)
     if "--final" not in argv:
         return 0
-    goals = _goals_module()
     for goal in summary["goals"]:
-        print(f"device_suite: goal {goals.line(goal)}")
+        print(f"device_suite: goal {goal['error'] if 'error' in goal else goals.line(goal)}")
     passed = sum(s["status"] == "passed" for s in summary["steps"])
     where = dest / "suite.tar.gz" if dest is not None else out / "summary.json"
     print(f"device_suite: {passed}/{len(summary['steps'])} steps passed; {where}")

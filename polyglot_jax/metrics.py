@@ -120,10 +120,10 @@ class LossWatch:
         elif self.episode is not None:
             self.calm_since = self.calm_since or step
             if step - self.calm_since + 1 >= self.warmup:
-                kind, began = self.episode
+                ended, began = self.episode
                 logging.info(
                     "loss %s of step %d over: within the thresholds since step %d",
-                    kind, began, self.calm_since,
+                    ended, began, self.calm_since,
                 )  # fmt: skip
                 self.episode = self.calm_since = None
         self.average = (

@@ -335,3 +335,13 @@ def test_goals_unknown_without_gpu_records_say_why(tmp_path):
     (tmp_path / "train_step_1_3b_xla.json").write_text(json.dumps({"platform": "cpu"}))
     goals = goals_module.evaluate(tmp_path)
     assert [g["met"] for g in goals] == [None] * 4 and all(g["why"] for g in goals)
+
+
+def test_a_result_record_missing_a_field_still_leaves_a_summary(tmp_path, suite_record):
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "steps.jsonl").write_text(json.dumps({"step": "train_step_x", "status": "passed"}))
+    (out / "train_step_1_3b_x.json").write_text(json.dumps({"platform": "gpu"}))  # no timings
+    assert suite_record.main([str(out), "0", "--final"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] and "KeyError" in summary["goals"][0]["error"]
