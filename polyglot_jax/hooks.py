@@ -6,6 +6,12 @@
 when the loop ends, however it ends. The loop (train.py) applies the NaN policy before the hooks.
 Hooks run in order and may add to `metrics` for the ones after them (`Evaluate` adds the `eval_*`
 values that `LogMetrics` writes).
+
+The loop does not wait for a step before it starts the next: it dispatches step n + 1 and only then
+reads step n's metrics, so the device never idles while the host reads metrics, logs and builds the
+next batch. The next step's input donates the state, so `state` exists only at the steps where a
+hook asked for it: `wants_state(step)`, called once per step on every process (in the same order,
+before the next step is dispatched), says so; at the other steps `state` is None.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ class TrainState(NamedTuple):
 
 
 class Hook(Protocol):
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None: ...
+    def wants_state(self, step: int) -> bool: ...
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -53,7 +61,10 @@ class ProgressBar:
             mininterval=0.5 if interactive else 30,  # a log file: a line every 30 s, not every step
         )
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    def wants_state(self, step: int) -> bool:
+        return False
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
         self.bar.update(1)
         if metrics["finite"]:
             self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
@@ -68,7 +79,10 @@ class WatchLoss:
     def __init__(self, watch: LossWatch):
         self.watch = watch
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    def wants_state(self, step: int) -> bool:
+        return False
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
         if metrics["finite"]:
             self.watch.update(step, float(metrics["loss"]), metrics["epoch"])
 
@@ -91,8 +105,11 @@ class Evaluate:
         self.evaluate = evaluate
         self.every, self.last_step = every, last_step
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
-        if not metrics["finite"] or (step % self.every and step != self.last_step):
+    def wants_state(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
+        if not metrics["finite"] or not self.wants_state(step):
             return
         began = time.perf_counter()
         loss, tokens = self.evaluate(state.params)
@@ -132,7 +149,10 @@ class LogMetrics:
         self._window_start, self._window_steps = time.perf_counter(), 0
         self._window_eval_s = 0.0  # evaluation time within the window: not training time
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    def wants_state(self, step: int) -> bool:
+        return False
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
         self._window_steps += 1
         self._window_eval_s += metrics.get("eval_time_s", 0.0)
         if not metrics["finite"]:
@@ -173,7 +193,8 @@ class LogMetrics:
 class SaveCheckpoints:
     """Saves every `every` steps and at the last one; when `stop_requested()` (SIGTERM/SIGINT on
     any process) says so, saves this step, waits for the write and sets `preempted`: the loop
-    then returns."""
+    then returns. `stop_requested` is asked once per step, in `wants_state` (with several
+    processes it is a collective: every process asks at every step)."""
 
     def __init__(
         self, ckpt: Any, data_iter: Any, stop_requested: Any, *, every: int, last_step: int
@@ -181,12 +202,20 @@ class SaveCheckpoints:
         self.ckpt, self.data_iter, self.stop_requested = ckpt, data_iter, stop_requested
         self.every, self.last_step = every, last_step
         self.preempted = False
+        self._save_at: int | None = None  # the step `wants_state` asked to save
+        self._stop = False
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
-        stop = self.stop_requested()
-        if step % self.every == 0 or step == self.last_step or stop:
-            self.ckpt.save(step, state.params, state.opt_state, self.data_iter, force=True)
-        if stop:
+    def wants_state(self, step: int) -> bool:
+        self._stop = self.stop_requested()
+        due = self._stop or step % self.every == 0 or step == self.last_step
+        self._save_at = step if due else None
+        return due
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
+        if step != self._save_at:
+            return
+        self.ckpt.save(step, state.params, state.opt_state, self.data_iter, force=True)
+        if self._stop:
             self.ckpt.wait()
             logging.warning("saved step %d after a stop signal; exiting", step)
             self.preempted = True
@@ -209,7 +238,12 @@ class Profile:
             jax.profiler.start_trace(self.directory)
             self.active = True
 
-    def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    def wants_state(self, step: int) -> bool:
+        # Not the state: the steps around the trace must have finished before it starts and
+        # stops, so that it holds exactly the requested steps.
+        return bool(self.count) and step in (self.first, self.first + self.count)
+
+    def __call__(self, step: int, state: TrainState | None, metrics: dict[str, Any]) -> None:
         if self.active and step == self.first + self.count:
             self.close()
         self._maybe_start(step)

@@ -6,7 +6,8 @@
     step: grad_accum microbatches (lax.scan) -> one AdamW update; non-finite updates are never applied
     eval step: the same microbatches and loss, forward only: (sum of cross entropy, target count)
     loop: next batch -> step -> NaN policy -> hooks (hooks.py: progress, loss watch, evaluation,
-          metrics, checkpoints and preemption, profiling)
+          metrics, checkpoints and preemption, profiling), each step's metrics read after the
+          next step is dispatched, unless a hook wants that step's state
 
 Evaluation (`config.eval`, off by default) reads held-out rows from a pipeline of its own
 (`data.eval_data.make_eval_dataset`), never the training iterator, and changes no state: a run
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import pathlib
 import shutil
 import signal
@@ -240,6 +242,7 @@ class PreemptionGuard:
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._gathered: jax.Array | None = None  # the processes' flags at the previous step
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -253,16 +256,33 @@ class PreemptionGuard:
         self.requested = True
 
     def agreed(self) -> bool:
-        """True when any process was asked to stop (all processes must stop at the same step)."""
+        """Whether to stop after this step; every process asks once per step (all must stop at
+        the same one). One process: its own flag. Several: whether any process's flag was set
+        when they last asked, a step ago: the all-gather of the flags is dispatched now and read
+        at the next step, so that asking never waits for the device (a stop comes a step later)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+        previous, self._gathered = self._gathered, _any_process(self.requested)
+        return previous is not None and bool(previous.addressable_data(0))
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@functools.cache
+def _any_of_all_devices() -> tuple[NamedSharding, Any]:
+    """A flag per device over every device of every process, and their OR, on every device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec("all")), jax.jit(jnp.any, out_shardings=replicated)
+
+
+def _any_process(flag: bool) -> jax.Array:
+    """Whether any process passed True (dispatched: reading the result waits for it)."""
+    sharding, any_fn = _any_of_all_devices()
+    local = np.full((jax.local_device_count(),), flag)
+    return any_fn(jax.make_array_from_process_local_data(sharding, local))
 
 
 def use_compilation_cache(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
@@ -461,16 +481,50 @@ def _loop(run: _Run, state: TrainState, start: int) -> dict[str, Any]:
         ]
         for hook in reversed(hooks):  # closed in this order, however the loop ends
             cleanup.callback(hook.close)
-        for step in range(start + 1, t.steps + 1):
-            state, metrics = _train_step(run.fns, state, next(run.data_iter))
+
+        def step_fn(step: int, state: TrainState):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                return _train_step(run.fns, state, next(run.data_iter))
+
+        def finish(step: int, metrics: dict[str, Any], state: TrainState | None) -> bool:
+            metrics = jax.device_get(metrics)  # waits for this step only
             if run.watch is not None:
                 run.watch.step_done(step)
             _apply_nan_policy(t.nan_policy, step, metrics, run.ckpt)
             for hook in hooks:
                 hook(step, state, metrics)
-            if save.preempted:
-                return {**log.last, "preempted": True}
+            return save.preempted
+
+        if _pipelined_steps(state, range(start + 1, t.steps + 1), step_fn, finish, hooks):
+            return {**log.last, "preempted": True}
         return log.last
+
+
+def _pipelined_steps(state: Any, steps: range, step_fn: Any, finish: Any, hooks: list) -> bool:
+    """`state, metrics = step_fn(step, state)` for each step, and `finish(step, metrics, state)`
+    after it, where it can a step late: step n + 1 is dispatched before step n's metrics are read,
+    so the device works while the host reads, logs and builds the next batch. At a step some
+    hook `wants_state` (a checkpoint, an evaluation, a stop), it is finished before the next is
+    dispatched, with its state (which the next step's donation would delete); elsewhere `finish`
+    gets None for it. True as soon as a `finish` returns True (a stop), else False at the end."""
+    pending = None  # (step, metrics): dispatched, not yet finished
+    for step in steps:
+        try:
+            state, metrics = step_fn(step, state)
+        except BaseException:
+            if pending is not None:  # the step before is done: its metrics are not lost
+                finish(*pending, None)
+            raise
+        if pending is not None and finish(*pending, None):
+            return True
+        wanted = [hook.wants_state(step) for hook in hooks]  # every hook asked, at every step
+        if any(wanted):
+            pending = None
+            if finish(step, metrics, state):
+                return True
+        else:
+            pending = (step, metrics)
+    return pending is not None and finish(*pending, None)
 
 
 def _log_metrics(run: _Run, start: int) -> LogMetrics:
@@ -531,10 +585,11 @@ def _eval_batches(iterator: Any, count: int) -> list[Batch]:
 
 
 def _train_step(fns: StepFunctions, state: TrainState, local: LocalBatch):
-    """One optimizer step on the next batch: the new state and the step's metrics on the host."""
+    """One optimizer step on the next batch, dispatched: the new state and the step's metrics,
+    both still computing on the device (`jax.device_get` waits for them), `epoch` on the host."""
     batch = make_global_batch(local.batch, fns.batch_sharding, fns.batch_size)
     params, opt_state, metrics = fns.train_step(state.params, state.opt_state, batch)
-    return TrainState(params, opt_state), {**jax.device_get(metrics), "epoch": float(local.epoch)}
+    return TrainState(params, opt_state), {**metrics, "epoch": float(local.epoch)}
 
 
 def _apply_nan_policy(policy: str, step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> None:

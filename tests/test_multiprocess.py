@@ -226,3 +226,37 @@ def test_slurm_run_loses_a_peer_then_resumes_on_other_layouts(shards, reference,
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resumed from step {steps_on_disk[-1]} of {STEPS}" in done.stderr
     assert_same_run(as_four, reference)
+
+
+def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(shards, tmp_path):
+    """SIGTERM to task 1 only (a preempted host): both tasks save the same step and exit 0,
+    process 0 reporting it; nothing else was saved (no periodic checkpoint within the run)."""
+    workdir = tmp_path / "run"
+    port = free_port()
+    skip = ("--config.eval.", "--config.train.checkpoint_every=")
+    args = [a for a in overrides(shards, steps=1000) if not a.startswith(skip)]
+    args += ["--config.train.checkpoint_every=100000"]
+    procs = [
+        subprocess.Popen(
+            TRAIN + [f"--workdir={workdir}", *args],
+            env=slurm_env(i, 2, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        wait_for_step(workdir, 3, procs)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    last = max(losses(workdir))
+    assert 3 <= last < 1000
+    assert f"stopped by a signal at step {last}" in outs[0][0]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [last]
+    assert len(list(workdir.glob(f"checkpoints/{last}/data_iter/process_*.json"))) == 2

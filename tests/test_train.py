@@ -19,7 +19,7 @@ from polyglot_jax.checkpoint import restore_params
 from polyglot_jax.config import validate, validate_run
 from polyglot_jax.errors import ConfigError
 from polyglot_jax.hooks import LogMetrics, Profile, SaveCheckpoints, TrainState
-from polyglot_jax.train import NonFiniteLoss, build_step, train
+from polyglot_jax.train import NonFiniteLoss, _pipelined_steps, build_step, train
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +257,82 @@ def test_save_checkpoints_hook_saves_periodically_and_once_on_a_stop():
         hook = SaveCheckpoints(ckpt, "it", stop_requested, every=2, last_step=5)
         for step in range(1, 6):
             now[0] = step
-            hook(step, TrainState("p", "o"), _finite())
+            # as the loop calls it: asked once per step, then called (with the state if it asked)
+            state = TrainState("p", "o") if hook.wants_state(step) else None
+            hook(step, state, _finite())
             if hook.preempted:
                 break
         assert [s[0] for s in ckpt.saved] == saved
         assert all(s[1:] == ("p", "o", "it", True) for s in ckpt.saved)
         assert hook.preempted == (stop_at is not None) and ckpt.waited == int(hook.preempted)
+
+
+class _Wants:
+    """A hook that wants the state at `steps`; records every question in `asked`."""
+
+    def __init__(self, name, steps, asked):
+        self.name, self.steps, self.asked = name, steps, asked
+
+    def wants_state(self, step):
+        self.asked.append((self.name, step))
+        return step in self.steps
+
+
+def _pipeline(steps, wanted, events, asked, stop_at=None, fail_at=None):
+    """`_pipelined_steps` over `steps` with a hook wanting the state at `wanted` (after one that
+    never does): what happened goes to `events`, the hooks' questions to `asked`."""
+
+    def step_fn(step, state):
+        if step == fail_at:
+            raise OSError("a shard went missing")
+        events.append(("dispatch", step, state))
+        return f"state{step}", {"step": step}
+
+    def finish(step, metrics, state):
+        assert metrics == {"step": step}
+        events.append(("finish", step, state))
+        return step == stop_at
+
+    hooks = [_Wants("a", set(), asked), _Wants("b", set(wanted), asked)]
+    return _pipelined_steps("state0", steps, step_fn, finish, hooks)
+
+
+def test_the_loop_dispatches_the_next_step_before_it_reads_this_one():
+    events, asked = [], []
+    assert not _pipeline(range(1, 6), {3, 5}, events, asked)
+    assert events == [
+        ("dispatch", 1, "state0"),
+        ("dispatch", 2, "state1"),  # before step 1's metrics are read
+        ("finish", 1, None),  # its state was donated to step 2: no hook may have it
+        ("dispatch", 3, "state2"),
+        ("finish", 2, None),
+        ("finish", 3, "state3"),  # a hook wants it: read, with the state, before step 4 starts
+        ("dispatch", 4, "state3"),
+        ("dispatch", 5, "state4"),
+        ("finish", 4, None),
+        ("finish", 5, "state5"),
+    ]
+    # Every hook is asked once per step, in order, also after one said yes (the stop question
+    # is a collective: every process must ask it at every step).
+    assert asked == [(name, step) for step in range(1, 6) for name in "ab"]
+    # No hook wants the last state: the last step is still finished, after the loop.
+    events = []
+    assert not _pipeline(range(3, 5), set(), events, [])
+    assert events[-2:] == [("finish", 3, None), ("finish", 4, None)]
+
+
+def test_the_loop_stops_where_finish_says_and_loses_no_finished_step():
+    events = []
+    assert _pipeline(range(1, 9), {4}, events, [], stop_at=4)
+    assert events[-1] == ("finish", 4, "state4") and len(events) == 8  # steps 1-4, no dispatch 5
+    # A step that fails to start (a shard is missing): the step before it, dispatched and not
+    # read yet, is finished before the error goes up.
+    events = []
+    with pytest.raises(OSError, match="shard"):
+        _pipeline(range(1, 9), set(), events, [], fail_at=3)
+    assert events == [
+        ("dispatch", 1, "state0"),
+        ("dispatch", 2, "state1"),
+        ("finish", 1, None),
+        ("finish", 2, None),
+    ]

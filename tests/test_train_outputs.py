@@ -112,7 +112,7 @@ def run_r(shards, tmp_path_factory):
     def marked(fns, state, local):
         done[0] += 1  # a fresh workdir: the n-th call is step n
         with jax.profiler.TraceAnnotation(f"{MARK}{done[0]}"):
-            return real(fns, state, local)  # synchronous: it fetches the metrics to the host
+            return real(fns, state, local)  # the dispatch (the loop syncs around the trace)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "_train_step", marked)

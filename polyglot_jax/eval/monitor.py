@@ -61,8 +61,11 @@ class GenerationMonitor:
         shardings = param_shardings(self.cfg, self.mesh, self.rules)
         return decode_params(dict(params), self.run_cfg, self.cfg, shardings)
 
+    def wants_state(self, step: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == self.last_step)
+
     def __call__(self, step: int, state: Any, metrics: dict[str, Any]) -> None:
-        if not self.every or (step % self.every and step != self.last_step):
+        if not self.wants_state(step):
             return
         from polyglot_jax.generate import Generator, Sampling
 
